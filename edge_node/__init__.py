@@ -1,0 +1,1 @@
+"""edgefed: edge_node."""

@@ -1,0 +1,67 @@
+"""`edgefed generate`: single-node generation with timings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from edge_node.model import SamplingConfig, Tokenizer, generate, load_model
+from edge_node.model.config import ModelConfig
+
+
+def add_parser(sub) -> None:
+    from edge_node.cli import add_model_args
+
+    p = sub.add_parser("generate", help="generate text on this node")
+    add_model_args(p)
+    p.set_defaults(run=run)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+    sampled = not args.greedy and (args.temperature is not None or args.top_k or args.top_p < 1.0)
+    return SamplingConfig(greedy=not sampled, temperature=args.temperature or 1.0,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def prompt_from_args(args: argparse.Namespace, model_dir: Path) -> tuple[list[int], Tokenizer | None]:
+    """Prompt ids and the tokenizer (None when ids were given and no tokenizer.json exists)."""
+    has_tok = (model_dir / "tokenizer.json").is_file()
+    tok = Tokenizer.from_dir(model_dir) if args.prompt is not None or has_tok else None
+    if args.prompt is None:
+        return args.prompt_ids, tok
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}])
+    return tok.encode(text, add_special_tokens=not args.chat), tok
+
+
+def eos_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id wins over config.json's."""
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        value = json.loads(path.read_text()).get("eos_token_id")
+        if value is not None:
+            return tuple(value) if isinstance(value, list) else (int(value),)
+    return config.eos_token_ids
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_node.cli import emit, peak_rss_mb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    prompt, tok = prompt_from_args(args, model_dir)
+    model = load_model(model_dir, getattr(torch, args.dtype))
+    result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args), eos_ids(model_dir, model.config))
+    text = tok.decode(result.token_ids) if tok else ""
+    emit({"token_ids": result.token_ids, "text": text, "ttft_ms": round(result.ttft_ms, 3),
+          "tpot_ms": round(result.tpot_ms, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+          "stop_reason": result.stop_reason}, args.json)
+    if not args.json:
+        print(f"ttft {result.ttft_ms:.1f} ms, {result.tpot_ms:.2f} ms/token", file=sys.stderr)
+    return 0

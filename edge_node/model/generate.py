@@ -1,0 +1,86 @@
+"""Autoregressive generation over a Transformer: prefill, then one token at a time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import PromptError
+from .model import Transformer
+from .sampling import Sampler, SamplingConfig
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated ids only
+    ttft_ms: float  # prompt in -> first token out
+    tpot_ms: float  # mean time per output token after the first
+    stop_reason: str  # "eos" | "length" | "context"
+    step_ms: list[float] = field(default_factory=list)
+
+
+def check_prompt(prompt_ids: Sequence[int], max_positions: int, vocab_size: int) -> None:
+    if len(prompt_ids) == 0:
+        raise PromptError("the prompt is empty: give at least one token")
+    if len(prompt_ids) > max_positions:
+        raise PromptError(
+            f"the prompt has {len(prompt_ids)} tokens, more than max_position_embeddings={max_positions}"
+        )
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise PromptError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (),
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Generate up to max_new_tokens after prompt_ids; stops at an EOS id or the context limit."""
+    cfg = model.config
+    check_prompt(prompt_ids, cfg.max_position_embeddings, cfg.vocab_size)
+    step = _forward_fn(model)
+    return decode_loop(step, list(prompt_ids), max_new_tokens, Sampler(sampling), eos_ids,
+                       cfg.max_position_embeddings, on_token)
+
+
+def _forward_fn(model: Transformer) -> Callable[[list[int], int], torch.Tensor]:
+    cache = model.new_cache()
+
+    def step(ids: list[int], pos0: int) -> torch.Tensor:
+        x = torch.tensor([ids], dtype=torch.long)
+        return model(x, cache, pos0, last_only=True)[0, -1]
+
+    return step
+
+
+def decode_loop(step: Callable[[list[int], int], torch.Tensor], prompt: list[int], max_new_tokens: int,
+                sampler: Sampler, eos_ids: Sequence[int], max_positions: int,
+                on_token: Callable[[int], None] | None = None) -> GenerationResult:
+    """Shared by every engine: `step(ids, pos0)` runs ids at positions [pos0, ...) and returns last logits."""
+    out: list[int] = []
+    times: list[float] = []
+    eos = set(eos_ids)
+    reason = "length"
+    t0 = time.perf_counter()
+    ids, pos = prompt, 0
+    while len(out) < max_new_tokens:
+        if pos + len(ids) > max_positions:
+            reason = "context"
+            break
+        token = sampler(step(ids, pos))
+        times.append(time.perf_counter())
+        pos += len(ids)
+        out.append(token)
+        if on_token:
+            on_token(token)
+        if token in eos:
+            reason = "eos"
+            break
+        ids = [token]
+    ttft = (times[0] - t0) * 1e3 if times else 0.0
+    steps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    tpot = sum(steps) / len(steps) if steps else 0.0
+    return GenerationResult(out, ttft, tpot, reason, steps)

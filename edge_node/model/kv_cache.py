@@ -1,0 +1,73 @@
+"""KV cache: one preallocated K and V buffer per layer, keyed by absolute layer index.
+
+Keyed by layer index so that an edge part [0, k) and a cloud part [k, L) each keep just
+their own layers, and a tensor-parallel rank keeps just its KV-head slice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_STEP = 256  # grow capacity in steps so decode does not reallocate every token
+
+
+class LayerKV:
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, limit: int):
+        self.shape = (batch, kv_heads, head_dim)
+        self.dtype, self.limit = dtype, limit
+        self.k = self.v = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype)
+        self.length = 0
+
+    def _reserve(self, n: int) -> None:
+        if n <= self.k.shape[2]:
+            return
+        cap = min(max(n, self.k.shape[2] * 2, _STEP), max(self.limit, n))
+        b, h, d = self.shape
+        k, v = torch.empty(b, h, cap, d, dtype=self.dtype), torch.empty(b, h, cap, d, dtype=self.dtype)
+        k[:, :, : self.length] = self.k[:, :, : self.length]
+        v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def update(self, pos0: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, S, D) at [pos0, pos0+S); return all keys/values up to pos0+S."""
+        end = pos0 + k.shape[2]
+        self._reserve(end)
+        self.k[:, :, pos0:end] = k
+        self.v[:, :, pos0:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class KVCache:
+    def __init__(self, batch: int = 1, dtype: torch.dtype = torch.float32, limit: int = 1 << 30):
+        self.batch, self.dtype, self.limit = batch, dtype, limit
+        self.layers: dict[int, LayerKV] = {}
+
+    def layer(self, index: int, kv_heads: int, head_dim: int) -> LayerKV:
+        kv = self.layers.get(index)
+        if kv is None:
+            kv = self.layers[index] = LayerKV(self.batch, kv_heads, head_dim, self.dtype, self.limit)
+        return kv
+
+    @property
+    def length(self) -> int:
+        """Tokens held (by the layers that hold the most)."""
+        return max((kv.length for kv in self.layers.values()), default=0)
+
+    def truncate(self, length: int) -> None:
+        """Forget everything at positions >= length (the buffers are reused)."""
+        for kv in self.layers.values():
+            kv.length = min(kv.length, length)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(kv.nbytes for kv in self.layers.values())
+
+
+def kv_bytes_per_token(kv_heads: int, head_dim: int, layers: int, dtype: torch.dtype) -> int:
+    """Bytes one token adds to a cache over `layers` layers of `kv_heads` heads."""
+    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()

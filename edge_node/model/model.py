@@ -1,0 +1,164 @@
+"""Llama-family decoder math over a half-open layer range [start, end).
+
+Pure math: no ranks, sockets or disks. A tensor-parallel rank's blocks are the same
+Block with fewer heads and MLP columns; it passes `reduce` (an allreduce) to sum the
+partial outputs of o_proj and down_proj. Modules are built around tensors that were
+already loaded, so no random weights are ever allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import RotaryTable, apply_rotary
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class Linear(nn.Module):
+    """y = x W^T + b around given tensors (no init)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as the reference does), scale in the compute dtype.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over `heads` query and `kv_heads` KV heads (all, or a rank's slice)."""
+
+    def __init__(self, wqkv: Linear, wo: Linear, heads: int, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.wqkv, self.wo = wqkv, wo
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+    def forward(self, x, cos, sin, kv, pos0: int, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        d = self.head_dim
+        q, k, v = self.wqkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = q.view(b, s, self.heads, d).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(b, s, self.kv_heads, d).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = kv.update(pos0, k, v)  # (B, Hkv, T, D), T = pos0 + S
+        causal = mask is None and s > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, self.heads * d))  # (B, S, H*D) -> (B, S, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, w13: Linear, w2: Linear):
+        super().__init__()
+        self.w13, self.w2 = w13, w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, index: int, ln1: RMSNorm, attn: Attention, ln2: RMSNorm, mlp: MLP, window: int | None):
+        super().__init__()
+        self.index, self.window = index, window
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+
+    def forward(self, x, cos, sin, cache: KVCache, pos0: int, masks: dict, reduce: Reduce = _identity):
+        kv = cache.layer(self.index, self.attn.kv_heads, self.attn.head_dim)
+        h = x + reduce(self.attn(self.ln1(x), cos, sin, kv, pos0, masks.get(self.window)))
+        return h + reduce(self.mlp(self.ln2(h)))
+
+
+def attention_masks(pos0: int, s: int, windows: Iterable[int | None]) -> dict[int | None, torch.Tensor | None]:
+    """Boolean masks (S, T) by sliding window (None = full causal); None where SDPA's own causal flag fits."""
+    t = pos0 + s
+    q_pos = torch.arange(pos0, t).unsqueeze(1)  # (S, 1)
+    k_pos = torch.arange(t).unsqueeze(0)  # (1, T)
+    masks: dict[int | None, torch.Tensor | None] = {}
+    for w in set(windows):
+        if w is None and (s == 1 or pos0 == 0):
+            masks[w] = None  # decode sees everything; a fresh prefill is plain causal
+            continue
+        allowed = k_pos <= q_pos
+        if w is not None:
+            allowed = allowed & (q_pos - k_pos < w)
+        masks[w] = allowed
+    return masks
+
+
+class Transformer(nn.Module):
+    """Embeddings (optional), blocks for some layers, final norm + head (optional)."""
+
+    def __init__(self, config: ModelConfig, blocks: dict[int, Block], dtype: torch.dtype,
+                 embed: torch.Tensor | None = None, norm: RMSNorm | None = None, lm_head: torch.Tensor | None = None):
+        super().__init__()
+        self.config, self.dtype = config, dtype
+        self.blocks = nn.ModuleDict({str(i): b for i, b in sorted(blocks.items())})
+        self.embed = None if embed is None else nn.Parameter(embed, requires_grad=False)
+        self.norm = norm
+        self.lm_head = None if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self.rotary = RotaryTable(config, dtype)
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return sorted(int(i) for i in self.blocks)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache(batch, self.dtype, self.config.max_position_embeddings)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed)  # (B, S) -> (B, S, hidden)
+
+    def run_blocks(self, h: torch.Tensor, blocks: Iterable[Block], cache: KVCache, pos0: int,
+                   reduce: Reduce = _identity) -> torch.Tensor:
+        """Run `blocks` in order over hidden states h (B, S, hidden) at positions [pos0, pos0+S)."""
+        s = h.shape[1]
+        cos, sin = self.rotary.at(pos0, s)
+        masks = attention_masks(pos0, s, {w for w in self.config_windows()})
+        for block in blocks:
+            h = block(h, cos, sin, cache, pos0, masks, reduce)
+        return h
+
+    def config_windows(self) -> set[int | None]:
+        return {self.config.window_for_layer(i) for i in range(self.config.num_layers)}
+
+    def forward_range(self, h: torch.Tensor, cache: KVCache, pos0: int, start: int, end: int,
+                      reduce: Reduce = _identity) -> torch.Tensor:
+        """Hidden states through resident layers [start, end)."""
+        missing = [i for i in range(start, end) if str(i) not in self.blocks]
+        if missing:
+            raise ValueError(f"layers {missing} are not loaded in this model part (it holds {self.layer_ids})")
+        return self.run_blocks(h, (self.blocks[str(i)] for i in range(start, end)), cache, pos0, reduce)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(h), self.lm_head)  # (B, S, vocab)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, pos0: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Token ids (B, S) -> logits (B, S or 1, vocab), through every resident layer."""
+        ids_ = self.layer_ids
+        h = self.forward_range(self.embed_tokens(ids), cache, pos0, ids_[0], ids_[-1] + 1)
+        return self.logits(h[:, -1:] if last_only else h)

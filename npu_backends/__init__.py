@@ -1,0 +1,1 @@
+"""edgefed: npu_backends."""

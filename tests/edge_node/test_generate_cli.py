@@ -1,0 +1,83 @@
+"""`edgefed generate`: the JSON contract, sampling flags, and errors on stderr with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from edge_node.model import SamplingConfig, generate, load_model
+from edge_node.model.sampling import Sampler
+
+
+def edgefed(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_node.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_json_output_has_exactly_the_promised_keys_and_greedy_ids(llama_dir):
+    r = edgefed("generate", "--model", str(llama_dir), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "8",
+                "--greedy", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"token_ids", "text", "ttft_ms", "tpot_ms", "peak_rss_mb"} <= set(out)
+    assert out["token_ids"] == generate(load_model(llama_dir), [5, 6, 7, 8], 8).token_ids
+    assert out["ttft_ms"] > 0 and out["tpot_ms"] > 0 and out["peak_rss_mb"] > 10
+
+
+def test_text_prompt_uses_the_models_tokenizer(llama_dir, tmp_path):
+    vocab = {chr(c): c - 32 for c in range(32, 127)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    for f in llama_dir.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    tok.save(str(model_dir / "tokenizer.json"))
+    r = edgefed("generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    expected = generate(load_model(model_dir), tok.encode("hello").ids, 5).token_ids
+    assert out["token_ids"] == expected and out["text"] == tok.decode(expected)
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(llama_dir):
+    model = load_model(llama_dir)
+    cfg = SamplingConfig(greedy=False, temperature=1.5, top_k=50, top_p=0.95, seed=7)
+    a = generate(model, [5, 6, 7], 24, cfg).token_ids
+    b = generate(model, [5, 6, 7], 24, cfg).token_ids
+    assert a == b
+    assert a != generate(model, [5, 6, 7], 24).token_ids
+
+
+def test_top_k_1_is_greedy_and_top_p_keeps_the_nucleus():
+    import torch
+
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert Sampler(SamplingConfig(greedy=False, top_k=1, seed=0))(logits) == 1
+    tiny_p = Sampler(SamplingConfig(greedy=False, top_p=0.01, seed=0))
+    assert {tiny_p(logits) for _ in range(20)} == {1}
+
+
+def test_eos_stops_generation(llama_dir):
+    model = load_model(llama_dir)
+    first = generate(model, [5, 6, 7], 1).token_ids[0]
+    result = generate(model, [5, 6, 7], 10, eos_ids=[first])
+    assert result.token_ids == [first] and result.stop_reason == "eos"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent", "--prompt-ids", "1"], "config.json: file not found"),
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--prompt", "hi"], "tokenizer.json: file not found"),
+    (["--prompt-ids", ""], "empty"),
+])
+def test_errors_go_to_stderr_with_nonzero_exit(llama_dir, args, message):
+    if "--model" not in args:
+        args = ["--model", str(llama_dir), *args]
+    r = edgefed("generate", *args, "--json")
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""

@@ -6,7 +6,6 @@ import argparse
 import json
 import resource
 import sys
-from pathlib import Path
 
 from edge_node.model import EdgefedError
 
@@ -76,11 +75,6 @@ def emit(result: dict, as_json: bool, text_key: str = "text") -> None:
         print(json.dumps(result))
         return
     print(result.get(text_key, ""))
-    print({k: v for k, v in result.items() if k not in (text_key, "token_ids")}, file=sys.stderr)
-
-
-def default_model_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "models" / "edgefed-demo"
 
 
 if __name__ == "__main__":

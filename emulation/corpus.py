@@ -25,6 +25,7 @@ model trained on ``corpus_files("train")`` has never seen any partition's held-o
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,9 +43,10 @@ EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload"}
 )
 
-#: Top-level packages that are data rather than code (pydoc_data is the docs as one
-#: string literal); they would swamp a small model's budget with non-Python text.
-EXCLUDED_PACKAGES = frozenset({"pydoc_data"})
+#: Top-level packages that are not real library code: pydoc_data is the docs as one
+#: string literal (it would swamp a small model with prose), __phello__ is a toy
+#: package for testing frozen modules.
+EXCLUDED_PACKAGES = frozenset({"pydoc_data", "__phello__"})
 
 #: Default federated clients: well-known packages with distinct vocabularies and styles.
 DEFAULT_PARTITIONS: tuple[str, ...] = (
@@ -168,15 +170,19 @@ def _package_of(rel: str) -> str | None:
 def _discover(root: Path) -> tuple[str, ...]:
     """Relative posix paths of every usable .py file under ``root``, sorted."""
     found = []
-    for path in root.rglob("*.py"):
-        rel_parts = path.relative_to(root).parts
-        if _excluded(rel_parts) or not path.is_file():
-            continue
-        text = _try_read(path)
-        # Empty __init__.py files teach nothing; generated codec tables are data.
-        if text is None or not text.strip() or _is_generated(text):
-            continue
-        found.append("/".join(rel_parts))
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune in place so os.walk never descends into site-packages or test suites.
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
+        for filename in filenames:
+            path = Path(dirpath, filename)
+            rel_parts = path.relative_to(root).parts
+            if not filename.endswith(".py") or _excluded(rel_parts) or not path.is_file():
+                continue
+            text = _try_read(path)
+            # Empty __init__.py files teach nothing; generated codec tables are data.
+            if text is None or not text.strip() or _is_generated(text):
+                continue
+            found.append("/".join(rel_parts))
     return tuple(sorted(found))
 
 

@@ -26,15 +26,25 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b around given tensors (no init)."""
+    """y = x W^T + b around given tensors (no init).
+
+    W is kept transposed, (in, out) contiguous: for one-token decode MKL's x @ W_t runs
+    about 1.4x faster than x @ W^T on the (out, in) layout (see benchmarks/README.md).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.wt = nn.Parameter(weight.t().contiguous(), requires_grad=False)  # (in, out)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """(out, in), as stored in checkpoints (a view)."""
+        return self.wt.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = torch.matmul(x, self.wt)
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):

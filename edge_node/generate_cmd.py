@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     prompt, tok = prompt_from_args(args, model_dir)
-    model = load_model(model_dir, getattr(torch, args.dtype))
+    model = load_model(model_dir, getattr(torch, args.dtype), pack=True)
     result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args), eos_ids(model_dir, model.config))
     text = tok.decode(result.token_ids) if tok else ""
     emit({"token_ids": result.token_ids, "text": text, "ttft_ms": round(result.ttft_ms, 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edge_node.model import load_model
@@ -27,8 +28,9 @@ def test_layers_0_k_then_k_L_equals_0_L_with_their_caches(llama_dir):
         assert (got - expected).abs().max() < 1e-5
 
 
-def test_incremental_decode_matches_one_full_forward(llama_dir):
-    model = load_model(llama_dir)
+@pytest.mark.parametrize("pack", [False, True])
+def test_incremental_decode_matches_one_full_forward(llama_dir, pack):
+    model = load_model(llama_dir, pack=pack)
     ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(1))
     full = model(ids, model.new_cache())
     cache = model.new_cache()

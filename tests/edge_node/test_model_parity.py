@@ -36,22 +36,24 @@ def prompt(n: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def test_full_forward_logits_match_transformers(pair):
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "onednn-packed"])
+def test_full_forward_logits_match_transformers(pair, pack):
     name, path, ref = pair
     ids = prompt()
     with torch.no_grad():
         expected = ref(ids).logits
-    model = load_model(path)
+    model = load_model(path, pack=pack)
     got = model(ids, model.new_cache())
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4, name
 
 
-def test_32_greedy_tokens_identical_to_transformers_generate(pair):
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "onednn-packed"])
+def test_32_greedy_tokens_identical_to_transformers_generate(pair, pack):
     name, path, ref = pair
     ids = prompt(seed=1)
     expected = ref.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
-    got = generate(load_model(path), ids[0].tolist(), 32).token_ids
+    got = generate(load_model(path, pack=pack), ids[0].tolist(), 32).token_ids
     assert got == expected[0, ids.shape[1]:].tolist(), name
 
 

@@ -49,6 +49,24 @@ def eos_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
     return config.eos_token_ids
 
 
+class TextStream:
+    """Prints generated text as it arrives (decoding the whole tail so multi-byte tokens come out whole)."""
+
+    def __init__(self, tok: Tokenizer | None):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        if self.tok is None:
+            return
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
 def run(args: argparse.Namespace) -> int:
     from edge_node.cli import emit, peak_rss_mb
 
@@ -57,11 +75,22 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     prompt, tok = prompt_from_args(args, model_dir)
     model = load_model(model_dir, getattr(torch, args.dtype), pack=True)
-    result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args), eos_ids(model_dir, model.config))
-    text = tok.decode(result.token_ids) if tok else ""
-    emit({"token_ids": result.token_ids, "text": text, "ttft_ms": round(result.ttft_ms, 3),
-          "tpot_ms": round(result.tpot_ms, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-          "stop_reason": result.stop_reason}, args.json)
+    stream = None
     if not args.json:
-        print(f"ttft {result.ttft_ms:.1f} ms, {result.tpot_ms:.2f} ms/token", file=sys.stderr)
+        stream = TextStream(tok)
+        if args.prompt is not None:
+            sys.stdout.write(args.prompt)
+    result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args), eos_ids(model_dir, model.config),
+                      on_token=stream)
+    text = tok.decode(result.token_ids) if tok else ""
+    if args.json:
+        emit({"token_ids": result.token_ids, "text": text, "ttft_ms": round(result.ttft_ms, 3),
+              "tpot_ms": round(result.tpot_ms, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+              "stop_reason": result.stop_reason}, True)
+        return 0
+    if tok is None:
+        print(",".join(map(str, result.token_ids)))
+    print(f"\n\n[{len(result.token_ids)} tokens, stop: {result.stop_reason}] time to first token {result.ttft_ms:.1f} ms, "
+          f"{result.tpot_ms:.2f} ms/token ({1e3 / result.tpot_ms if result.tpot_ms else 0:.1f} tok/s), "
+          f"peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
     return 0

@@ -1,8 +1,13 @@
 """Shared fixtures: tiny checkpoints made on the fly."""
 
-import pytest
+import os
 
-from tests.checkpoints import make_checkpoint
+# As in edge_node/cli.py: idle OpenMP workers sleep, so multi-process tests on 2 cores do not stall.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+
+from tests.checkpoints import make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,8 @@ def random_checkpoint(shape: str, out: Path, dtype: torch.dtype = torch.float32)
     import transformers as tf
 
     arch = "qwen2" if shape.startswith("qwen2") else "llama"
-    cfg_cls, model_cls = (tf.Qwen2Config, tf.Qwen2ForCausalLM) if arch == "qwen2" else (tf.LlamaConfig, tf.LlamaForCausalLM)
+    pair = (tf.Qwen2Config, tf.Qwen2ForCausalLM) if arch == "qwen2" else (tf.LlamaConfig, tf.LlamaForCausalLM)
+    cfg_cls, model_cls = pair
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**SHAPES[shape], bos_token_id=1, eos_token_id=2))
     model.to(dtype).save_pretrained(out)

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if tok is None:
         print(",".join(map(str, result.token_ids)))
-    print(f"\n\n[{len(result.token_ids)} tokens, stop: {result.stop_reason}] time to first token {result.ttft_ms:.1f} ms, "
+    print(f"\n\n[{len(result.token_ids)} tokens, stop: {result.stop_reason}] "
+          f"time to first token {result.ttft_ms:.1f} ms, "
           f"{result.tpot_ms:.2f} ms/token ({1e3 / result.tpot_ms if result.tpot_ms else 0:.1f} tok/s), "
           f"peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
     return 0

@@ -164,7 +164,9 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
     heads = int(raw["num_attention_heads"])
     kv_heads = int(raw.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise ModelConfigError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        raise ModelConfigError(
+            f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
     hidden = int(raw["hidden_size"])
     head_dim = int(raw.get("head_dim") or hidden // heads)
     layers = int(raw["num_hidden_layers"])

@@ -81,6 +81,6 @@ def decode_loop(step: Callable[[list[int], int], torch.Tensor], prompt: list[int
             break
         ids = [token]
     ttft = (times[0] - t0) * 1e3 if times else 0.0
-    steps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    steps = [(b - a) * 1e3 for a, b in zip(times, times[1:], strict=False)]
     tpot = sum(steps) / len(steps) if steps else 0.0
     return GenerationResult(out, ttft, tpot, reason, steps)

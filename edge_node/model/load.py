@@ -59,7 +59,8 @@ def validate(ckpt: Checkpoint, cfg: ModelConfig) -> None:
     for name, shape in want.items():
         if have[name].shape != shape:
             raise TensorShapeError(
-                f"{have[name].file}: tensor {name!r} has shape {list(have[name].shape)}, config.json implies {list(shape)}"
+                f"{have[name].file}: tensor {name!r} has shape {list(have[name].shape)}, "
+                f"config.json implies {list(shape)}"
             )
 
 

@@ -5,12 +5,16 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the edgefed CLI does; before torch loads
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, median, random_checkpoint  # noqa: E402
@@ -18,7 +22,7 @@ from edge_node.model import generate, load_model  # noqa: E402
 
 
 def bench_edgefed(model_dir: Path, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
-    model = load_model(model_dir)
+    model = load_model(model_dir, pack=True)
     r = generate(model, prompt, new)
     return r.ttft_ms, r.tpot_ms, r.token_ids
 

@@ -1,0 +1,57 @@
+"""int8 shards keep top-1 agreement with float32 shards: on the demo model's held-out text when the
+demo model exists (models/edgefed-demo), else on a tiny random model over random tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edge_node.collectives import Comm
+from edge_node.engine import RankEngine, TPOptions
+from edge_node.shard import write_shards
+from tests.checkpoints import make_checkpoint
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "edgefed-demo"
+
+
+def top1_agreement(model_dir: Path, out: Path, windows: list[list[int]]) -> float:
+    tops = {}
+    for weights in ("float32", "int8"):
+        write_shards(model_dir, out / weights, 1, weights=weights)
+        engine = RankEngine(TPOptions(out / weights), Comm(0, 1, ""), max(map(len, windows)))
+        tops[weights] = torch.cat([engine.score(ids).argmax(-1) for ids in windows])
+        engine.close()
+    return (tops["float32"] == tops["int8"]).float().mean().item()
+
+
+def heldout_windows(model_dir: Path, tokens: int = 4096, size: int = 256) -> list[list[int]]:
+    from edge_node.model import Tokenizer
+    from emulation.corpus import corpus_files, read_source
+
+    tok = Tokenizer.from_dir(model_dir)
+    ids: list[int] = []
+    for f in corpus_files("heldout"):
+        ids += tok.encode(read_source(f))
+        if len(ids) >= tokens:
+            break
+    ids = ids[:tokens]
+    return [ids[i: i + size] for i in range(0, len(ids), size)]
+
+
+def test_int8_top1_agreement_on_a_tiny_random_model(tmp_path):
+    make_checkpoint(tmp_path / "m", num_hidden_layers=2)
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(3, 256, (128,), generator=g).tolist() for _ in range(4)]
+    agreement = top1_agreement(tmp_path / "m", tmp_path, windows)
+    print(f"int8 top-1 agreement (tiny random model, 512 positions): {agreement:.4f}")
+    assert agreement >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="models/edgefed-demo not built")
+def test_int8_top1_agreement_on_the_demo_models_heldout_text(tmp_path):
+    agreement = top1_agreement(DEMO, tmp_path, heldout_windows(DEMO))
+    print(f"int8 top-1 agreement (edgefed-demo, 4096 held-out tokens): {agreement:.4f}")
+    assert agreement >= 0.9

@@ -1,0 +1,104 @@
+"""Collectives for tensor-parallel ranks on torch.distributed (gloo): star or gloo allreduce, with timeouts.
+
+The star allreduce is TPI-LLM's choice for the edge, where link latency rather than bandwidth dominates:
+every rank sends its partial sum to rank 0, rank 0 adds them in rank order and sends the total back, so
+each allreduce costs two link traversals whatever the number of ranks. gloo's own allreduce is the
+alternative (`--allreduce gloo`). Every wait has a timeout; a rank that never joins, or dies, becomes a
+`CommError` naming what was waited for, not a hang.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from edge_node.model.errors import EdgefedError
+
+ALLREDUCE = ("star", "gloo")
+
+
+class CommError(EdgefedError):
+    """A rank did not join, or a collective did not finish, within the timeout."""
+
+
+def _first_line(e: Exception, limit: int = 160) -> str:
+    line = (str(e).splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+class Comm:
+    """One rank's view of the group: allreduce, broadcast, gather, each timed (comm_s) and bounded."""
+
+    def __init__(self, rank: int, world: int, master: str, timeout_s: float = 60.0, allreduce: str = "star"):
+        if allreduce not in ALLREDUCE:
+            raise ValueError(f"--allreduce must be one of {', '.join(ALLREDUCE)}, got {allreduce!r}")
+        self.rank, self.world, self.mode = rank, world, allreduce
+        self.timeout = timedelta(seconds=timeout_s)
+        self.comm_s = 0.0
+        if world == 1:
+            return
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world,
+                                    timeout=self.timeout)
+        except (RuntimeError, dist.DistError) as e:
+            raise CommError(f"rank {rank}: the group of {world} ranks at {master} did not form within "
+                            f"{timeout_s:g} s (is every rank started, with the same --master-addr?): "
+                            f"{_first_line(e)}") from None
+
+    def _wait(self, work, what: str) -> None:
+        try:
+            if not work.wait(self.timeout):
+                raise RuntimeError("timed out")
+        except RuntimeError as e:
+            raise CommError(f"rank {self.rank}: {what} did not finish within {self.timeout.total_seconds():g} s "
+                            f"(a rank is gone or stalled): {_first_line(e)}") from None
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over all ranks (every rank gets the same tensor back)."""
+        if self.world == 1:
+            return x
+        t0 = time.perf_counter()
+        wire = x.float().contiguous()  # gloo sums float32; also keeps bf16 partials exact in the sum
+        if self.mode == "gloo":
+            self._wait(dist.all_reduce(wire, async_op=True), "allreduce")
+        else:
+            self._star(wire)
+        self.comm_s += time.perf_counter() - t0
+        return wire.to(x.dtype)
+
+    def _star(self, x: torch.Tensor) -> None:
+        if self.rank == 0:
+            parts = [torch.empty_like(x) for _ in range(self.world - 1)]
+            works = [dist.irecv(p, src=r) for r, p in enumerate(parts, start=1)]
+            for r, (w, p) in enumerate(zip(works, parts, strict=True), start=1):
+                self._wait(w, f"star allreduce: partial from rank {r}")
+                x += p  # in rank order, so the sum is the same every run
+            sends = [dist.isend(x, dst=r) for r in range(1, self.world)]
+            for r, w in enumerate(sends, start=1):
+                self._wait(w, f"star allreduce: send to rank {r}")
+        else:
+            self._wait(dist.isend(x, dst=0), "star allreduce: send to rank 0")
+            self._wait(dist.irecv(x, src=0), "star allreduce: sum from rank 0")
+
+    def broadcast(self, x: torch.Tensor, what: str = "broadcast") -> torch.Tensor:
+        """Rank 0's x, in place on every rank."""
+        if self.world > 1:
+            t0 = time.perf_counter()
+            self._wait(dist.broadcast(x, src=0, async_op=True), what)
+            self.comm_s += time.perf_counter() - t0
+        return x
+
+    def gather(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's x at rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [x]
+        out = [torch.empty_like(x) for _ in range(self.world)] if self.rank == 0 else None
+        self._wait(dist.gather(x, out, dst=0, async_op=True), "gather")
+        return out
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

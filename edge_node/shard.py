@@ -1,0 +1,347 @@
+"""The tensor-parallel plan (which KV heads and MLP columns each rank owns) and the streaming sharder.
+
+Attention is split by whole KV-head groups (a rank gets KV heads [a, b) and their query heads: q/k/v
+rows, o_proj columns); the MLP by intermediate columns (gate/up rows, down_proj columns). Both follow
+the per-rank ratios, so splits may be uneven; with more nodes than KV heads some ranks hold no
+attention heads, only MLP columns. o_proj and down_proj biases live on rank 0 only, since
+they are added once after the allreduce sums the partial outputs.
+
+The sharder reads the source checkpoint one layer at a time and writes one safetensors file per
+(rank, layer) in runtime (fused) form, plus rank 0's embeddings, final norm and lm_head (in vocab
+chunks no bigger than a layer file, so the head streams through the same window as the layers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from edge_node.model.checkpoint import Checkpoint
+from edge_node.model.config import ModelConfig
+from edge_node.model.errors import CheckpointError, EdgefedError
+from edge_node.model.load import fuse_layer, validate
+
+FORMAT = "edgefed-tp-shards/1"
+MANIFEST = "manifest.json"
+WEIGHTS = ("float32", "bfloat16", "int8")
+LINEARS = ("wqkv", "wo", "w13", "w2")  # the matrices int8 mode quantizes (norms and biases stay float32)
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json")
+
+
+class ShardError(EdgefedError):
+    """A shard plan cannot be made, or a shard directory is incomplete."""
+
+
+class ShardChecksumError(ShardError):
+    """A shard file's sha256 differs from the manifest's."""
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    rank: int
+    kv_heads: tuple[int, int]  # half-open range of KV heads
+    mlp: tuple[int, int]  # half-open range of intermediate columns
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    ratios: tuple[float, ...]
+    slices: tuple[RankSlice, ...]
+
+    @property
+    def nodes(self) -> int:
+        return len(self.slices)
+
+
+def split_by_ratio(total: int, ratios: list[float] | tuple[float, ...], minimum: int = 1) -> list[int]:
+    """Integer parts of `total` proportional to ratios (largest remainder), each at least `minimum`."""
+    n = len(ratios)
+    if n == 0 or any(r <= 0 for r in ratios):
+        raise ShardError(f"ratios must be positive, got {list(ratios)}")
+    if total < minimum * n or (minimum == 0 and total == 0):
+        raise ShardError(f"cannot split {total} into {n} parts of at least {minimum}")
+    exact = [total * r / sum(ratios) for r in ratios]
+    parts = [int(e) for e in exact]
+    by_remainder = sorted(range(n), key=lambda i: (parts[i] - exact[i], i))  # most-shortchanged first
+    for i in by_remainder[: total - sum(parts)]:
+        parts[i] += 1
+    for i in range(n):  # lift tiny shares to the minimum, taking from the biggest
+        while parts[i] < minimum:
+            parts[max(range(n), key=lambda j: parts[j])] -= 1
+            parts[i] += 1
+    return parts
+
+
+def _ranges(counts: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for c in counts:
+        out.append((start, start + c))
+        start += c
+    return out
+
+
+def mlp_unit(intermediate: int, nodes: int) -> int:
+    """MLP columns go to ranks in whole units of 64 (or 32, 16) where the size allows: matmul kernels
+    (the int8 one above all) want the reduction dimension of down_proj in multiples of 16."""
+    return next((u for u in (64, 32, 16) if intermediate % u == 0 and intermediate // u >= nodes), 1)
+
+
+def make_plan(cfg: ModelConfig, nodes: int, ratios: list[float] | None = None) -> TPPlan:
+    """KV heads and MLP columns per rank, proportional to ratios (even when None)."""
+    ratios = list(ratios) if ratios else [1.0] * nodes
+    if len(ratios) != nodes:
+        raise ShardError(f"--ratios has {len(ratios)} values for {nodes} nodes")
+    if not 1 <= nodes <= cfg.intermediate_size:
+        raise ShardError(f"{nodes} nodes: need 1 <= nodes <= intermediate_size={cfg.intermediate_size}")
+    # More nodes than KV heads: the extra ranks hold no attention heads, only MLP columns (and still
+    # join both allreduces of every layer, adding zeros for attention).
+    kv_min = 1 if nodes <= cfg.num_key_value_heads else 0
+    kv = _ranges(split_by_ratio(cfg.num_key_value_heads, ratios, minimum=kv_min))
+    unit = mlp_unit(cfg.intermediate_size, nodes)
+    mlp = _ranges([unit * n for n in split_by_ratio(cfg.intermediate_size // unit, ratios)])
+    return TPPlan(tuple(ratios), tuple(RankSlice(r, kv[r], mlp[r]) for r in range(nodes)))
+
+
+def slice_layer(t: dict[str, torch.Tensor | None], cfg: ModelConfig, s: RankSlice) -> dict[str, torch.Tensor]:
+    """A rank's part of one layer in runtime form (fused tensors from load.fuse_layer)."""
+    d, g, inter = cfg.head_dim, cfg.kv_groups, cfg.intermediate_size
+    q_all, kv_all = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    (a, b), (c0, c1) = s.kv_heads, s.mlp
+    q_rows = slice(a * g * d, b * g * d)
+    k_rows, v_rows = slice(q_all + a * d, q_all + b * d), slice(q_all + kv_all + a * d, q_all + kv_all + b * d)
+
+    def qkv(x: torch.Tensor) -> torch.Tensor:  # rows [q; k; v] -> this rank's [q; k; v]
+        return torch.cat([x[q_rows], x[k_rows], x[v_rows]])
+
+    def gate_up(x: torch.Tensor) -> torch.Tensor:  # rows [gate; up] -> this rank's [gate; up]
+        return torch.cat([x[c0:c1], x[inter + c0: inter + c1]])
+
+    out = {"ln1": t["ln1"], "ln2": t["ln2"], "wqkv": qkv(t["wqkv"]), "wo": t["wo"][:, q_rows],
+           "w13": gate_up(t["w13"]), "w2": t["w2"][:, c0:c1]}
+    if t["bqkv"] is not None:
+        out["bqkv"] = qkv(t["bqkv"])
+    if t["b13"] is not None:
+        out["b13"] = gate_up(t["b13"])
+    if s.rank == 0:  # added once, after the sum over ranks
+        out |= {k: t[k] for k in ("bo", "b2") if t[k] is not None}
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def encode(tensors: dict[str, torch.Tensor], weights: str, quantized: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Cast to the shard dtype; in int8 mode the `quantized` matrices become int8 + '<name>.scale'."""
+    from quant.int8 import quantize_rows
+
+    out: dict[str, torch.Tensor] = {}
+    for name, x in tensors.items():
+        if weights == "int8" and name in quantized:
+            out[name], out[name + ".scale"] = quantize_rows(x)
+        elif weights == "bfloat16":
+            out[name] = x.to(torch.bfloat16).contiguous()
+        else:
+            out[name] = x.to(torch.float32).contiguous()
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Writer:
+    def __init__(self, out: Path):
+        self.out, self.files = out, []
+
+    def write(self, rel: str, rank: int, kind: str, tensors: dict[str, torch.Tensor], **extra) -> int:
+        # int8 matrices first, then wider types: with a 64-byte aligned data start, the int8 weights land
+        # on 64-byte boundaries in a read buffer (the int8 kernel needs that) and float tensors stay aligned.
+        order = sorted(tensors, key=lambda n: (tensors[n].element_size() != 1, -tensors[n].element_size(), n))
+        entries = [(n, _ST_NAMES[tensors[n].dtype], tuple(tensors[n].shape), lambda x=tensors[n]: [x]) for n in order]
+        return self.write_streaming(rel, rank, kind, entries, **extra)
+
+    def write_streaming(self, rel: str, rank: int, kind: str, entries, **extra) -> int:
+        path = self.out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = write_safetensors_streaming(path, entries)
+        dtypes = {"F32": "float32", "BF16": "bfloat16", "I8": "int8"}
+        meta = {n: {"shape": h["shape"], "dtype": dtypes[h["dtype"]]} for n, h in header.items()}
+        size = path.stat().st_size
+        self.files.append({"path": rel, "rank": rank, "kind": kind, **extra, "tensors": meta, "bytes": size,
+                           "sha256": sha256_file(path)})
+        return size
+
+
+def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios: list[float] | None = None,
+                 weights: str = "float32") -> dict:
+    """Shard a checkpoint for `nodes` ranks, reading one layer at a time; returns the manifest."""
+    if weights not in WEIGHTS:
+        raise ShardError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    model_dir, out = Path(model_dir), Path(out_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    plan = make_plan(cfg, nodes, ratios)
+    ckpt = Checkpoint(model_dir)
+    validate(ckpt, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    w = _Writer(out)
+
+    def get(name: str) -> torch.Tensor:
+        return ckpt.get(name, torch.float32)
+
+    biggest = 0
+    for i in range(cfg.num_layers):
+        fused = fuse_layer(get, cfg, i)  # one layer in RAM at a time
+        for s in plan.slices:
+            part = encode(slice_layer(fused, cfg, s), weights, LINEARS)
+            size = w.write(f"rank{s.rank}/layer{i:04d}.safetensors", s.rank, "layer", part, layers=[i, i + 1])
+            biggest = max(biggest, size) if s.rank == 0 else biggest
+        del fused
+        ckpt.close()  # unmap the source file: its touched pages would otherwise count as our RSS
+    _write_rank0_extras(w, ckpt, cfg, weights, biggest, get)
+    ckpt.close()
+    for name in _COPIED:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out / name)
+    manifest = {
+        "format": FORMAT, "nodes": nodes, "ratios": list(plan.ratios), "weights": weights,
+        "plan": [{"rank": s.rank, "kv_heads": list(s.kv_heads), "mlp": list(s.mlp)} for s in plan.slices],
+        "config": json.loads((model_dir / "config.json").read_text()), "files": w.files,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _write_rank0_extras(w: _Writer, ckpt: Checkpoint, cfg: ModelConfig, weights: str, chunk_bytes: int, get) -> None:
+    """Embeddings + final norm in one file (read by rows), lm_head in vocab chunks of about a layer's size.
+
+    The (vocab, hidden) tables are the only tensors bigger than a layer: they are read and written in
+    row chunks, so the sharder never holds more than about one layer.
+    """
+    row_bytes = cfg.hidden_size * {"float32": 4, "bfloat16": 2, "int8": 1}[weights]
+    rows = max(1, min(cfg.vocab_size, chunk_bytes // row_bytes))
+    chunks = [(v0, min(cfg.vocab_size, v0 + rows)) for v0 in range(0, cfg.vocab_size, rows)]
+    embed_name = "model.embed_tokens.weight"
+    head_name = embed_name if cfg.tie_word_embeddings else "lm_head.weight"
+    norm = encode({"norm": get("model.norm.weight")}, weights, ())
+    scales: list[torch.Tensor] = []
+
+    def embed_parts():
+        for v0, v1 in chunks:
+            part = encode({"embed": _rows(ckpt, embed_name, v0, v1)}, weights, ("embed",))
+            if "embed.scale" in part:
+                scales.append(part["embed.scale"])
+            yield part["embed"]
+
+    dtype = {"float32": "F32", "bfloat16": "BF16", "int8": "I8"}[weights]
+    entries = [("embed", dtype, (cfg.vocab_size, cfg.hidden_size), embed_parts)]
+    if weights == "int8":
+        entries.append(("embed.scale", "F32", (cfg.vocab_size,), lambda: [torch.cat(scales)]))
+    entries.append(("norm", "F32" if weights == "int8" else dtype, (cfg.hidden_size,), lambda: [norm["norm"]]))
+    w.write_streaming("rank0/embed.safetensors", 0, "embed", entries)
+    for k, (v0, v1) in enumerate(chunks):
+        w.write(f"rank0/head{k:04d}.safetensors", 0, "head",
+                encode({"lm_head": _rows(ckpt, head_name, v0, v1)}, weights, ("lm_head",)), vocab=[v0, v1])
+
+
+def _rows(ckpt: Checkpoint, name: str, v0: int, v1: int) -> torch.Tensor:
+    """Rows [v0, v1) of a source tensor as float32, read through a short-lived mapping."""
+    with safe_open(str(ckpt.tensors[name].file), framework="pt") as f:
+        return f.get_slice(name)[v0:v1].to(torch.float32).contiguous()
+
+
+_ST_BYTES = {"F32": 4, "BF16": 2, "I8": 1}
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int8: "I8"}
+
+
+def write_safetensors_streaming(path: Path, entries) -> dict[str, dict]:
+    """A safetensors file whose tensors are written piece by piece: entries = (name, dtype, shape, parts()).
+
+    The header is computed from shapes first, then each tensor's parts (row chunks, in order) are appended.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape, _ in entries:
+        n = _ST_BYTES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 64)  # data starts 64-byte aligned (safetensors pads the header too)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, _, _, parts in entries:
+            written = 0
+            for part in parts():
+                data = part.contiguous().view(torch.uint8).numpy().tobytes()
+                f.write(data)
+                written += len(data)
+            begin, end = header[name]["data_offsets"]
+            if written != end - begin:
+                raise ShardError(f"{path}: wrote {written} bytes for {name!r}, expected {end - begin}")
+    return header
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    rank: int
+    kind: str  # "layer" | "embed" | "head"
+    bytes: int
+    sha256: str
+    layer: int | None = None
+    vocab: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dir: Path
+    nodes: int
+    weights: str
+    config: ModelConfig
+    plan: TPPlan
+    files: tuple[ShardFile, ...]
+
+    @classmethod
+    def load(cls, shard_dir: str | Path) -> Manifest:
+        d = Path(shard_dir)
+        path = d / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ShardError(f"{path}: not found (is {d} a directory written by `edgefed shard`?)") from None
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{path}: not valid JSON ({e})") from None
+        if raw.get("format") != FORMAT:
+            raise ShardError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        files = tuple(ShardFile(d / f["path"], f["rank"], f["kind"], f["bytes"], f["sha256"],
+                                f["layers"][0] if "layers" in f else None,
+                                tuple(f["vocab"]) if "vocab" in f else None) for f in raw["files"])
+        missing = [str(f.path) for f in files if not f.path.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: lists missing shard file(s) {', '.join(missing[:5])}")
+        slices = tuple(RankSlice(p["rank"], tuple(p["kv_heads"]), tuple(p["mlp"])) for p in raw["plan"])
+        return cls(d, raw["nodes"], raw["weights"], ModelConfig.from_dict(raw["config"], str(path)),
+                   TPPlan(tuple(raw["ratios"]), slices), files)
+
+    def rank_files(self, rank: int, kind: str) -> list[ShardFile]:
+        found = [f for f in self.files if f.rank == rank and f.kind == kind]
+        return sorted(found, key=lambda f: (f.layer or 0, f.vocab or (0, 0)))
+
+    def stream_files(self, rank: int) -> list[ShardFile]:
+        """What rank `rank` streams per token, in order: its layers, then (rank 0) the head chunks."""
+        return self.rank_files(rank, "layer") + self.rank_files(rank, "head")
+
+
+def verify_file(f: ShardFile) -> None:
+    """Hash a whole file once and compare with the manifest (the streamed files verify as they are read)."""
+    got = sha256_file(f.path)
+    if got != f.sha256:
+        raise ShardChecksumError(f"{f.path}: sha256 {got[:16]}... does not match the manifest's {f.sha256[:16]}...")

@@ -1,0 +1,231 @@
+"""Static-shape chunk graphs exported from edgefed's own model (so every loadable checkpoint exports).
+
+A prompt runs through the graph N tokens at a time. Every input has a fixed shape, as
+NPU compilers (QNN HTP, OpenVINO NPU, CoreML) require:
+
+    input_ids (1, N) int64          first layer group only (else hidden (1, N, hidden) float)
+    cos, sin (N, D) float           RoPE rows for the chunk's positions, computed on the host
+    mask (1, 1, N, C + N) float     additive; keys are C past slots then the chunk's own N
+    past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group
+    last_index (1,) int64           last layer group only: the row whose logits are wanted
+
+Outputs: hidden (1, N, hidden) or, for the last group, logits (1, 1, vocab); and
+present_k_{i}, present_v_{i} (1, Hkv, N, D), the chunk's own K/V, which the host writes
+into its cache. Layer groups [a, b) give the per-block subgraphs the scheduler runs.
+Attention and the mask stay ordinary float ops, so quantization can leave them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_node.model import Transformer
+from edge_node.model.rope import apply_rotary
+
+CHUNK_SIZES = (32, 64, 128, 256)
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported subgraph: layers [start, end) at chunk N over context C."""
+
+    path: str
+    start: int
+    end: int
+    chunk: int
+    context: int
+    first: bool
+    last: bool
+    windows: tuple[int | None, ...]  # the distinct attention windows; one mask input each
+    all_logits: bool = False  # last group: logits for every row (1, N, vocab), for evaluation
+
+
+def _mask_name(window: int | None) -> str:
+    return "mask" if window is None else f"mask_w{window}"
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # Written out: the legacy exporter has no aten::rms_norm at opset 17.
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _plain(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+class _Layer(nn.Module):
+    """One block's weights in plain (out, in) layout: the runtime may hold them oneDNN-packed."""
+
+    def __init__(self, block):
+        super().__init__()
+        att, mlp = block.attn, block.mlp
+        self.ln1, self.ln2 = _plain(block.ln1.weight), _plain(block.ln2.weight)
+        self.wqkv, self.bqkv = _plain(att.wqkv.weight), _plain(att.wqkv.bias)
+        self.wo, self.bo = _plain(att.wo.weight), _plain(att.wo.bias)
+        self.w13, self.b13 = _plain(mlp.w13.weight), _plain(mlp.w13.bias)
+        self.w2, self.b2 = _plain(mlp.w2.weight), _plain(mlp.w2.bias)
+        self.heads, self.kv_heads, self.head_dim = att.heads, att.kv_heads, att.head_dim
+        self.window = block.window
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13, self.b13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2, self.b2)
+
+    def attention(self, x, cos, sin, mask, past_k, past_v):
+        n, d, hq, hkv = x.shape[1], self.head_dim, self.heads, self.kv_heads
+        q, k, v = F.linear(x, self.wqkv, self.bqkv).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(1, n, hq, d).transpose(1, 2)  # (1, H, N, D)
+        k = k.view(1, n, hkv, d).transpose(1, 2)  # (1, Hkv, N, D)
+        v = v.view(1, n, hkv, d).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = torch.cat([past_k, k], dim=2)  # (1, Hkv, C+N, D)
+        values = torch.cat([past_v, v], dim=2)
+        g = hq // hkv
+        # Group queries by their KV head instead of repeating K/V: (1, Hkv, g*N, D).
+        qg = q.reshape(1, hkv, g * n, d)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (1, Hkv, g*N, C+N)
+        scores = scores.view(1, hkv, g, n, -1) + mask.unsqueeze(1)  # mask (1, 1, 1, N, C+N)
+        probs = torch.softmax(scores, dim=-1).view(1, hkv, g * n, -1)
+        y = torch.matmul(probs, values).view(1, hq, n, d)  # (1, H, N, D)
+        y = y.transpose(1, 2).reshape(1, n, hq * d)  # (1, N, H*D)
+        return F.linear(y, self.wo, self.bo), k, v
+
+
+class ChunkGraph(nn.Module):
+    """Layers [start, end) of a Transformer as a static-shape chunk step."""
+
+    def __init__(self, model: Transformer, start: int, end: int, windows: tuple[int | None, ...],
+                 all_logits: bool = False):
+        super().__init__()
+        cfg = model.config
+        self.start, self.end, self.windows, self.all_logits = start, end, windows, all_logits
+        self.first, self.last = start == 0, end == cfg.num_layers
+        self.eps = cfg.rms_norm_eps
+        self.layers = nn.ModuleList(_Layer(model.blocks[str(i)]) for i in range(start, end))
+        self.embed = _plain(model.embed) if self.first else None
+        self.norm = _plain(model.norm.weight) if self.last else None
+        self.head = _plain(model.lm_head) if self.last else None  # (vocab, hidden)
+
+    def forward(self, x, cos, sin, *rest):
+        masks = dict(zip(self.windows, rest[: len(self.windows)], strict=True))
+        rest = rest[len(self.windows):]
+        has_index = self.last and not self.all_logits
+        last_index = rest[-1] if has_index else None
+        past = rest[:-1] if has_index else rest
+        h = self.embed[x] if self.first else x  # (1, N) -> (1, N, hidden)
+        presents = []
+        for j, layer in enumerate(self.layers):
+            a, k, v = layer.attention(_rms(h, layer.ln1, self.eps), cos, sin, masks[layer.window],
+                                      past[2 * j], past[2 * j + 1])
+            h = h + a
+            h = h + layer.mlp(_rms(h, layer.ln2, self.eps))
+            presents += [k, v]
+        if not self.last:
+            return (h, *presents)
+        row = h if self.all_logits else h.index_select(1, last_index)  # (1, N or 1, hidden)
+        return (F.linear(_rms(row, self.norm, self.eps), self.head), *presents)
+
+
+def input_names(spec: GraphSpec, layers: range) -> list[str]:
+    names = ["input_ids" if spec.first else "hidden_in", "cos", "sin"]
+    names += [_mask_name(w) for w in spec.windows]
+    for i in layers:
+        names += [f"past_k_{i}", f"past_v_{i}"]
+    return names + (["last_index"] if spec.last and not spec.all_logits else [])
+
+
+def output_names(spec: GraphSpec, layers: range) -> list[str]:
+    names = ["logits" if spec.last else "hidden"]
+    for i in layers:
+        names += [f"present_k_{i}", f"present_v_{i}"]
+    return names
+
+
+def example_inputs(model: Transformer, spec: GraphSpec) -> tuple[torch.Tensor, ...]:
+    cfg = model.config
+    n, c, d = spec.chunk, spec.context, cfg.head_dim
+    x = torch.zeros(1, n, dtype=torch.long) if spec.first else torch.zeros(1, n, cfg.hidden_size)
+    cos, sin = model.rotary.at(0, n)
+    masks = [torch.zeros(1, 1, n, c + n) for _ in spec.windows]
+    past = [torch.zeros(1, cfg.num_key_value_heads, c, d) for _ in range(2 * (spec.end - spec.start))]
+    tail = [torch.tensor([n - 1])] if spec.last and not spec.all_logits else []
+    return (x, cos.float(), sin.float(), *masks, *past, *tail)
+
+
+def check_static(path: str | Path) -> None:
+    """Every graph input and output has a fully known shape (no symbolic or unknown dimensions)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for vi in list(graph.input) + list(graph.output):
+        if not vi.type.tensor_type.HasField("shape"):
+            raise ValueError(f"{path}: {vi.name} has an unknown rank")
+        dims = vi.type.tensor_type.shape.dim
+        bad = [d for d in dims if not d.HasField("dim_value")]
+        if bad:
+            raise ValueError(f"{path}: {vi.name} has a dynamic dimension ({[str(d).strip() for d in dims]})")
+
+
+def export_group(model: Transformer, spec: GraphSpec) -> None:
+    layers = range(spec.start, spec.end)
+    module = ChunkGraph(model, spec.start, spec.end, spec.windows, spec.all_logits).eval()
+    # Over 2 GB the exporter writes one file per tensor; export into a scratch folder, then
+    # gather the weights into one .data file beside the graph (Qwen2-0.5B with its embedding is 2.5 GB).
+    with tempfile.TemporaryDirectory(dir=Path(spec.path).parent) as tmp:
+        raw = str(Path(tmp) / "graph.onnx")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example_inputs(model, spec), raw, dynamo=False, opset_version=OPSET,
+                              input_names=input_names(spec, layers), output_names=output_names(spec, layers),
+                              do_constant_folding=True)
+        onnx.save_model(onnx.load(raw), spec.path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=Path(spec.path).name + ".data", size_threshold=1024)
+    check_static(spec.path)
+
+
+def split_layers(num_layers: int, groups: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of near-equal size covering [0, num_layers)."""
+    groups = max(1, min(groups, num_layers))
+    bounds = [round(i * num_layers / groups) for i in range(groups + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, context: int,
+                        groups: int = 1, all_logits: bool = False) -> list[GraphSpec]:
+    """Export the model as `groups` layer-block subgraphs at chunk size `chunk` over `context` past slots.
+
+    all_logits: the last group returns every row's logits (for evaluation) instead of one row's.
+    """
+    if chunk not in CHUNK_SIZES:
+        raise ValueError(f"chunk {chunk} is not one of the supported sizes {CHUNK_SIZES}")
+    if model.embed is None or model.lm_head is None or model.layer_ids != list(range(model.config.num_layers)):
+        raise ValueError("export needs the whole model (embeddings, every layer, head)")
+    if context % chunk:
+        raise ValueError(f"context {context} must be a multiple of the chunk {chunk}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    windows = tuple(sorted({cfg.window_for_layer(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0))
+    specs = []
+    for a, b in split_layers(cfg.num_layers, groups):
+        tag = "_all" if all_logits else ""
+        spec = GraphSpec(str(out / f"chunk{chunk}_ctx{context}_L{a}-{b}{tag}.onnx"), a, b, chunk, context,
+                         a == 0, b == cfg.num_layers, windows, all_logits)
+        export_group(model, spec)
+        specs.append(spec)
+    (out / "graphs.json").write_text(json.dumps([asdict(s) for s in specs], indent=1))
+    return specs
+
+
+def load_specs(out_dir: str | Path) -> list[GraphSpec]:
+    raw = json.loads((Path(out_dir) / "graphs.json").read_text())
+    return [GraphSpec(**{**r, "windows": tuple(r["windows"])}) for r in raw]

@@ -1,0 +1,197 @@
+"""Chunked prefill on ONNX Runtime: pad, mask, host KV cache, hand-off to the torch engine.
+
+The prompt is cut into chunks of the graph's fixed N; the last one is padded (so a
+prompt shorter than a chunk works) and its logits are read at the last real token.
+Padding rows attend causally like real ones, so no row is fully masked (no NaN), and
+their K/V are never written to the cache. The cache lives on the host as numpy arrays
+of the graph's fixed context and is copied into an edge_node KVCache for decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_node.model import KVCache, PromptError, Transformer
+from edge_node.model.generate import check_prompt
+
+from .export import GraphSpec, _mask_name, load_specs
+from .providers import make_session, used_provider
+
+NEG = -1e9  # finite "minus infinity": a row never becomes all -inf, so softmax never yields NaN
+
+
+@dataclass
+class HostKV:
+    """Per-layer K/V (1, Hkv, C, D) float32 on the host; positions [0, length) are valid."""
+
+    k: dict[int, np.ndarray]
+    v: dict[int, np.ndarray]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, layers: range, kv_heads: int, context: int, head_dim: int) -> HostKV:
+        shape = (1, kv_heads, context, head_dim)
+        return cls({i: np.zeros(shape, np.float32) for i in layers}, {i: np.zeros(shape, np.float32) for i in layers})
+
+
+@dataclass
+class PrefillResult:
+    logits: np.ndarray  # (vocab,) at the last prompt token
+    kv: HostKV
+    seconds: float
+    provider: str
+    chunks: int
+    chunk_ms: list[float] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)  # per chunk (rows, vocab): all real rows or the last
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.kv.length / self.seconds if self.seconds else 0.0
+
+
+def chunk_mask(pos0: int, n: int, context: int, window: int | None) -> np.ndarray:
+    """Additive mask (1, 1, N, C+N): past slot j is visible if j < pos0, own slot j if j <= i."""
+    q = pos0 + np.arange(n)[:, None]  # (N, 1) query positions
+    past = np.arange(context)[None, :]  # (1, C) past slots hold positions 0..C-1
+    own = pos0 + np.arange(n)[None, :]  # (1, N)
+    ok_past = np.broadcast_to(past < pos0, (n, context))
+    ok_own = own <= q
+    if window is not None:
+        ok_past = ok_past & (q - past < window)
+        ok_own = ok_own & (q - own < window)
+    ok = np.concatenate([ok_past, ok_own], axis=1)  # (N, C+N)
+    return np.where(ok, 0.0, NEG).astype(np.float32)[None, None]
+
+
+class ChunkedPrefill:
+    """Runs exported layer-group graphs chunk by chunk; sessions are made once and reused."""
+
+    def __init__(self, model: Transformer, specs: Sequence[GraphSpec], provider: str = "cpu",
+                 strict: bool = False, threads: int | None = None, sessions: Sequence | None = None):
+        self.model, self.specs = model, list(specs)
+        self.chunk, self.context = specs[0].chunk, specs[0].context
+        self.sessions = list(sessions) if sessions else [make_session(s.path, provider, strict, threads)
+                                                          for s in self.specs]
+        self.provider = used_provider(self.sessions[0])
+        self.inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
+        self.scheduler: Callable | None = None  # e.g. schedule.OutOfOrder; None runs cells in order
+
+    @classmethod
+    def from_dir(cls, model: Transformer, graph_dir: str | Path, **kw) -> ChunkedPrefill:
+        return cls(model, load_specs(graph_dir), **kw)
+
+    def check(self, prompt: Sequence[int]) -> None:
+        cfg = self.model.config
+        check_prompt(prompt, cfg.max_position_embeddings, cfg.vocab_size)
+        if len(prompt) > self.context:
+            raise PromptError(f"the prompt has {len(prompt)} tokens; the exported graphs hold a context "
+                              f"of {self.context}: export with a larger --context")
+
+    def chunk_inputs(self, prompt: Sequence[int], c: int) -> dict[str, np.ndarray]:
+        """Inputs shared by every layer group for chunk c."""
+        n, pos0 = self.chunk, c * self.chunk
+        real = list(prompt[pos0 : pos0 + n])
+        ids = np.zeros((1, n), np.int64)  # padding id 0: any valid id; its rows are discarded
+        ids[0, : len(real)] = real
+        cos, sin = self.model.rotary.at(pos0, n)
+        feeds = {"input_ids": ids, "cos": cos.float().numpy(), "sin": sin.float().numpy(),
+                 "last_index": np.array([len(real) - 1], np.int64)}
+        for w in self.specs[0].windows:
+            feeds[_mask_name(w)] = chunk_mask(pos0, n, self.context, w)
+        return feeds
+
+    def run_cell(self, g: int, shared: dict[str, np.ndarray], x: np.ndarray | None, kv: HostKV,
+                 pos0: int, n_real: int) -> np.ndarray:
+        """Layer group g on one chunk: reads past K/V, writes the chunk's real K/V, returns its output."""
+        spec, sess = self.specs[g], self.sessions[g]
+        feeds = {k: v for k, v in shared.items() if k in self.inputs[g]}
+        if not spec.first:
+            feeds["hidden_in"] = x
+        for i in range(spec.start, spec.end):
+            feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = kv.k[i], kv.v[i]
+        outs = sess.run(None, feeds)
+        for j, i in enumerate(range(spec.start, spec.end)):
+            kv.k[i][:, :, pos0 : pos0 + n_real] = outs[1 + 2 * j][:, :, :n_real]  # (1, Hkv, n_real, D)
+            kv.v[i][:, :, pos0 : pos0 + n_real] = outs[2 + 2 * j][:, :, :n_real]
+        return outs[0]
+
+    def new_kv(self) -> HostKV:
+        cfg = self.model.config
+        return HostKV.empty(range(cfg.num_layers), cfg.num_key_value_heads, self.context, cfg.head_dim)
+
+    def run(self, prompt: Sequence[int], scheduler: Callable | None = None) -> PrefillResult:
+        """Prefill `prompt`; `scheduler(prefill, prompt, kv)` may replace the in-order loop (see schedule.py)."""
+        self.check(prompt)
+        scheduler = scheduler or self.scheduler
+        kv = self.new_kv()
+        t0 = time.perf_counter()
+        if scheduler is not None:
+            outs, chunk_ms = scheduler(self, prompt, kv)
+        else:
+            outs, chunk_ms = self._in_order(prompt, kv)
+        kv.length = len(prompt)
+        seconds = time.perf_counter() - t0
+        rows = [self._rows(o, c, len(prompt)) for c, o in enumerate(outs)]
+        return PrefillResult(rows[-1][-1], kv, seconds, self.provider, len(outs), chunk_ms, rows)
+
+    def _rows(self, out: np.ndarray, c: int, length: int) -> np.ndarray:
+        """The real rows of a chunk's logits (1, N|1, vocab) -> (rows, vocab)."""
+        if out.shape[1] == 1:
+            return out[0]
+        return out[0, : min(self.chunk, length - c * self.chunk)]
+
+    def _in_order(self, prompt: Sequence[int], kv: HostKV) -> tuple[list[np.ndarray], list[float]]:
+        n_chunks = -(-len(prompt) // self.chunk)
+        times, logits = [], []
+        for c in range(n_chunks):
+            t = time.perf_counter()
+            shared = self.chunk_inputs(prompt, c)
+            pos0 = c * self.chunk
+            n_real = min(self.chunk, len(prompt) - pos0)
+            out = None
+            for g in range(len(self.specs)):
+                out = self.run_cell(g, shared, out, kv, pos0, n_real)
+            logits.append(out)
+            times.append((time.perf_counter() - t) * 1e3)
+        return logits, times
+
+
+def to_kv_cache(kv: HostKV, model: Transformer, cache: KVCache | None = None,
+                kv_heads: slice | None = None) -> KVCache:
+    """Copy the host cache into an edge_node KVCache for the layers `model` holds.
+
+    A tensor-parallel rank passes its KV-head slice (`kv_heads`), so it keeps only its heads.
+    """
+    cache = cache if cache is not None else model.new_cache()
+    heads = kv_heads or slice(None)
+    for i in model.layer_ids:
+        k = torch.from_numpy(kv.k[i][:, heads, : kv.length]).to(model.dtype)  # (1, Hkv_rank, T, D)
+        v = torch.from_numpy(kv.v[i][:, heads, : kv.length]).to(model.dtype)
+        cache.layer(i, k.shape[1], k.shape[3]).update(0, k, v)
+    return cache
+
+
+def ort_prefill_step(model: Transformer, prefill: ChunkedPrefill,
+                     on_prefill: Callable[[PrefillResult], None] | None = None
+                     ) -> Callable[[list[int], int], torch.Tensor]:
+    """A `step(ids, pos0)` for generate.decode_loop: ORT prefills the prompt, torch decodes the rest."""
+    cache = model.new_cache()
+
+    def step(ids: list[int], pos0: int) -> torch.Tensor:
+        if pos0 == 0:
+            result = prefill.run(ids)
+            to_kv_cache(result.kv, model, cache)
+            if on_prefill:
+                on_prefill(result)
+            return torch.from_numpy(result.logits).to(model.dtype)
+        x = torch.tensor([ids], dtype=torch.long)
+        with torch.inference_mode():
+            return model(x, cache, pos0, last_only=True)[0, -1]
+
+    return step

@@ -1,0 +1,125 @@
+"""W8A8 static QDQ quantization of the chunk graphs' linear layers (onnxruntime.quantization).
+
+Only MatMuls whose B is a weight (q|k|v, o, gate|up, down, the head) are quantized:
+per-output-channel int8 weights, per-tensor uint8 activations calibrated on sample
+text. RoPE, the attention matmuls, the mask and softmax stay float (mllm's split:
+they run on the CPU). Calibration inputs are recorded from the float graphs
+themselves, so every layer group is calibrated on the hidden states it really sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from edge_node.model import Transformer
+
+from .export import GraphSpec
+from .prefill import ChunkedPrefill
+
+QUANTIZE_OUTPUTS = False
+
+
+class RecordingSession:
+    """Wraps a session and keeps a copy of every feed (the host KV is updated in place, hence copies)."""
+
+    def __init__(self, sess):
+        self.sess, self.feeds = sess, []
+
+    def run(self, outputs, feeds):
+        self.feeds.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        return self.sess.run(outputs, feeds)
+
+    def get_providers(self):
+        return self.sess.get_providers()
+
+    def get_inputs(self):
+        return self.sess.get_inputs()
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def record_calibration(model: Transformer, specs: Sequence[GraphSpec], prompts: Iterable[Sequence[int]],
+                       threads: int | None = None) -> list[list[dict[str, np.ndarray]]]:
+    """Per layer group, the feeds it receives while the float graphs prefill `prompts`."""
+    float_run = ChunkedPrefill(model, specs, "cpu", threads=threads)
+    rec = [RecordingSession(s) for s in float_run.sessions]
+    run = ChunkedPrefill(model, specs, sessions=rec)
+    for p in prompts:
+        run.run(list(p)[: run.context])
+    return [r.feeds for r in rec]
+
+
+def weight_matmuls(path: str | Path) -> list[str]:
+    """Names of MatMul nodes whose B input is an initializer: the linear layers."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def quantize_graph(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]],
+                   exclude: Sequence[str] = (), overrides: dict | None = None) -> None:
+    """W8A8 QDQ: int8 per-channel weights, uint8 per-tensor activations (MinMax over `feeds`)."""
+    g = onnx.load(str(src), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    dynamic = [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] not in inits]
+    extra = {"MatMulConstBOnly": True, "ActivationSymmetric": False, "WeightSymmetric": True}
+    if not QUANTIZE_OUTPUTS:
+        # Keep linear outputs float: ORT then fuses DQ -> MatMul into MatMulIntegerToFloat (int32
+        # accumulate, float out) instead of requantizing every output to 8 bits.
+        extra["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer advises "pre-processing" on the root logger every call
+    try:
+        quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(dynamic) + list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=True, extra_options=extra)
+    finally:
+        root.setLevel(level)
+
+
+MODES = ("minmax", "clip", "shadow")  # plain W8A8 | tight clip, excess dropped | tight clip + float shadow
+
+
+def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray]]], out_dir: str | Path,
+               mode: str = "shadow", fraction: float = 1 / 64) -> list[GraphSpec]:
+    """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration."""
+    from .outliers import activation_stats, add_clip_and_shadow, strip_main_clips
+
+    if mode not in MODES:
+        raise ValueError(f"int8 mode {mode!r} is not one of {MODES}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = []
+    for spec, group_feeds in zip(specs, feeds, strict=True):
+        name = Path(spec.path).stem
+        dst = out / f"{name}.int8-{mode}.onnx"
+        src, exclude = spec.path, []
+        if mode != "minmax":
+            stats = activation_stats(spec.path, group_feeds)
+            src = str(out / f"{name}.{mode}-float.onnx")
+            exclude = add_clip_and_shadow(spec.path, src, stats, fraction, shadow=mode == "shadow")
+        quantize_graph(src, dst, group_feeds, exclude)
+        if mode != "minmax":
+            strip_main_clips(dst)
+            for f in (Path(src), Path(src + ".data")):  # the rewritten float graph was only a step
+                f.unlink(missing_ok=True)
+        result.append(dataclasses.replace(spec, path=str(dst)))
+    return result

@@ -1,0 +1,54 @@
+"""`edgefed prefill`: one JSON line with speed, provider and error against float torch; clear failures."""
+
+import json
+
+from edge_node.cli import main
+from tests.npu_backends.conftest import prompt_of
+
+
+def _ids(n):
+    return ",".join(map(str, prompt_of(n, seed=9)))
+
+
+def test_ort_prefill_reports_speed_provider_and_error(llama_dir, capsys):
+    assert main(["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(40), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["provider"] == "CPUExecutionProvider" and out["chunks"] == 2 and out["context"] == 64
+    assert out["max_abs_logit_error"] < 1e-4 and out["top1_agree"] is True
+    assert out["prefill_tokens_per_s"] > 0 and out["ttft_ms"] > 0
+
+
+def test_int8_shadow_out_of_order_runs(llama_dir, capsys, tmp_path):
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
+            "--shadow", "--groups", "2", "--out-of-order", "--graph-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["int8"] == "shadow" and out["providers"] == ["CPUExecutionProvider"] * 2
+    assert out["max_abs_logit_error"] < 0.5
+
+
+def test_strict_with_an_absent_provider_exits_2_naming_it(llama_dir, capsys):
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", "1,2,3", "--provider", "qnn",
+            "--strict", "--json"]
+    assert main(argv) == 2
+    assert "QNNExecutionProvider" in capsys.readouterr().err
+
+
+def test_the_generate_hook_prefills_on_ort_and_decodes_the_same_tokens(llama_dir):
+    import argparse
+
+    from edge_node.model import SamplingConfig, generate, load_model
+    from edge_node.model.generate import decode_loop
+    from edge_node.model.sampling import Sampler
+    from npu_backends.build import add_prefill_args, prefill_step_from_args
+
+    p = argparse.ArgumentParser()
+    add_prefill_args(p)
+    args = p.parse_args(["--prefill", "ort", "--chunk", "32"])
+    model = load_model(llama_dir, pack=True)  # as `edgefed generate` loads it
+    prompt = prompt_of(50, seed=12)
+    step = prefill_step_from_args(model, llama_dir, args, len(prompt))
+    greedy = SamplingConfig(greedy=True)
+    got = decode_loop(step, prompt, 10, Sampler(greedy), (), model.config.max_position_embeddings)
+    assert got.token_ids == generate(model, prompt, 10, greedy).token_ids
+    assert prefill_step_from_args(model, llama_dir, p.parse_args([]), 50) is None

@@ -1,9 +1,10 @@
 """W8A8 static QDQ quantization of the chunk graphs' linear layers (onnxruntime.quantization).
 
-Only MatMuls whose B is a weight (q|k|v, o, gate|up, down, the head) are quantized:
+Only the layers' MatMuls whose B is a weight (q|k|v, o, gate|up, down) are quantized:
 per-output-channel int8 weights, per-tensor uint8 activations calibrated on sample
 text. RoPE, the attention matmuls, the mask and softmax stay float (mllm's split:
-they run on the CPU). Calibration inputs are recorded from the float graphs
+they run on the CPU), and so does the lm_head: in a prefill graph it runs for one
+row only, so int8 would save nothing there while costing top-1 agreement. Calibration inputs are recorded from the float graphs
 themselves, so every layer group is calibrated on the hidden states it really sees.
 """
 
@@ -69,6 +70,13 @@ def weight_matmuls(path: str | Path) -> list[str]:
     return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
+def head_matmuls(path: str | Path) -> list[str]:
+    """The weight MatMul producing the logits output (the lm_head); empty for a non-last layer group."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits and n.output[0] == "logits"]
+
+
 def quantize_graph(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]],
                    exclude: Sequence[str] = (), overrides: dict | None = None) -> None:
     """W8A8 QDQ: int8 per-channel weights, uint8 per-tensor activations (MinMax over `feeds`)."""
@@ -111,11 +119,11 @@ def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray
     for spec, group_feeds in zip(specs, feeds, strict=True):
         name = Path(spec.path).stem
         dst = out / f"{name}.int8-{mode}.onnx"
-        src, exclude = spec.path, []
+        src, exclude = spec.path, head_matmuls(spec.path)  # the head stays float: neither clipped nor int8
         if mode != "minmax":
-            stats = activation_stats(spec.path, group_feeds)
+            stats = {k: v for k, v in activation_stats(spec.path, group_feeds).items() if k not in exclude}
             src = str(out / f"{name}.{mode}-float.onnx")
-            exclude = add_clip_and_shadow(spec.path, src, stats, fraction, shadow=mode == "shadow")
+            exclude += add_clip_and_shadow(spec.path, src, stats, fraction, shadow=mode == "shadow")
         quantize_graph(src, dst, group_feeds, exclude)
         if mode != "minmax":
             strip_main_clips(dst)

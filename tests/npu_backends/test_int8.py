@@ -1,4 +1,4 @@
-"""W8A8 QDQ graphs and shadow outlier execution: exactness of the shadow rewrite, measured int8 agreement."""
+"""W8A8 QDQ graphs (float head) and shadow outlier execution: exactness of the shadow rewrite, int8 agreement."""
 
 import dataclasses
 
@@ -48,14 +48,19 @@ def test_shadow_adds_back_exactly_what_the_clip_cut_in_float(llama, graphs, cali
     assert err_shadow < err_clip
 
 
-def test_quantized_graph_has_int8_linear_layers_and_float_attention(graphs, calibration, tmp_path):
-    spec = build_int8(graphs[1], calibration, tmp_path, "minmax")[0]
+@pytest.mark.parametrize("mode", ["minmax", "shadow"])
+def test_quantized_graph_has_int8_linear_layers_and_float_attention_and_head(graphs, calibration, tmp_path, mode):
+    spec = build_int8(graphs[1], calibration, tmp_path, mode)[0]
     g = onnx.load(spec.path, load_external_data=False).graph
     dq_outputs = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
-    matmuls = [n for n in g.node if n.op_type == "MatMul"]
+    matmuls = [n for n in g.node if n.op_type == "MatMul" and not n.name.endswith("/ShadowMatMul")]
     quantized = [n for n in matmuls if n.input[0] in dq_outputs and n.input[1] in dq_outputs]
-    assert len(quantized) == 4 * 4 + 1  # qkv, o, gate|up, down per layer + the head
-    assert len(matmuls) - len(quantized) == 2 * 4  # q.k and p.v stay float
+    assert len(quantized) == 4 * 4  # qkv, o, gate|up, down per layer
+    assert len(matmuls) - len(quantized) == 2 * 4 + 1  # q.k and p.v stay float, and the head
+    head = next(n for n in g.node if n.output[0] == "logits")
+    inits = {i.name for i in g.initializer}
+    assert head.op_type == "MatMul" and head.input[1] in inits and head.input[0] not in dq_outputs
+    assert not any(n.name.startswith(head.name + "/") for n in g.node)  # no clip or shadow on the head either
     assert any(n.op_type == "Softmax" and n.input[0] not in dq_outputs for n in g.node)
 
 

@@ -73,13 +73,18 @@ class _Layer(nn.Module):
         self.ln1, self.ln2 = _plain(block.ln1.weight), _plain(block.ln2.weight)
         self.wqkv, self.bqkv = _plain(att.wqkv.weight), _plain(att.wqkv.bias)
         self.wo, self.bo = _plain(att.wo.weight), _plain(att.wo.bias)
-        self.w13, self.b13 = _plain(mlp.w13.weight), _plain(mlp.w13.bias)
+        # gate and up as two MatMuls: the up output then feeds the down input's Mul directly, so
+        # smoothing (smooth.py) can move down's input scale into up's weight; no Slice copies either.
+        gate_up = mlp.w13.weight.chunk(2, dim=0)  # (2*inter, hidden) -> 2 x (inter, hidden)
+        gate_up_b = mlp.w13.bias.chunk(2) if mlp.w13.bias is not None else (None, None)
+        self.w1, self.w3 = (_plain(w.contiguous()) for w in gate_up)
+        self.b1, self.b3 = (_plain(b) for b in gate_up_b)
         self.w2, self.b2 = _plain(mlp.w2.weight), _plain(mlp.w2.bias)
         self.heads, self.kv_heads, self.head_dim = att.heads, att.kv_heads, att.head_dim
         self.window = block.window
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w13, self.b13).chunk(2, dim=-1)
+        gate, up = F.linear(x, self.w1, self.b1), F.linear(x, self.w3, self.b3)
         return F.linear(F.silu(gate) * up, self.w2, self.b2)
 
     def attention(self, x, cos, sin, mask, past_k, past_v):

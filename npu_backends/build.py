@@ -18,7 +18,7 @@ from edge_node.model import Transformer
 from .export import GraphSpec, export_chunk_graphs, load_specs
 from .prefill import ChunkedPrefill
 from .providers import make_session
-from .quantize import build_int8, record_calibration
+from .quantize import build_int8, int8_path, record_calibration
 from .schedule import OutOfOrder, alternate
 
 
@@ -86,7 +86,7 @@ def build_prefill(model: Transformer, model_dir: str | Path, opts: PrefillOption
     specs = float_graphs(model, opts, root)
     if opts.int8:
         mode = opts.int8_mode
-        cached = [Path(s.path).with_name(f"{Path(s.path).stem}.int8-{mode}.onnx") for s in specs]
+        cached = [int8_path(s.path, mode) for s in specs]
         if all(p.is_file() for p in cached):
             specs = [replace(s, path=str(p)) for s, p in zip(specs, cached, strict=True)]
         else:

@@ -4,7 +4,9 @@ Only the layers' MatMuls whose B is a weight (q|k|v, o, gate|up, down) are quant
 per-output-channel int8 weights, per-tensor uint8 activations calibrated on sample
 text. RoPE, the attention matmuls, the mask and softmax stay float (mllm's split:
 they run on the CPU), and so does the lm_head: in a prefill graph it runs for one
-row only, so int8 would save nothing there while costing top-1 agreement. Calibration inputs are recorded from the float graphs
+row only, so int8 would save nothing there while costing top-1 agreement. Before
+quantizing, the float graph is smoothed (smooth.py): exact in float, it moves part of
+the activation ranges into the per-channel weights, where int8 has resolution to spare. Calibration inputs are recorded from the float graphs
 themselves, so every layer group is calibrated on the hidden states it really sees.
 """
 
@@ -103,31 +105,57 @@ def quantize_graph(src: str | Path, dst: str | Path, feeds: list[dict[str, np.nd
         root.setLevel(level)
 
 
+SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength; see smooth.py
 MODES = ("minmax", "clip", "shadow")  # plain W8A8 | tight clip, excess dropped | tight clip + float shadow
 
 
 def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray]]], out_dir: str | Path,
-               mode: str = "shadow", fraction: float = 1 / 64) -> list[GraphSpec]:
-    """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration."""
-    from .outliers import activation_stats, add_clip_and_shadow, strip_main_clips
+               mode: str = "shadow", fraction: float = 1 / 64, smooth: float | None = SMOOTH_ALPHA) -> list[GraphSpec]:
+    """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration.
 
+    smooth: SmoothQuant alpha for q|k|v and gate|up (None: no smoothing).
+    """
     if mode not in MODES:
         raise ValueError(f"int8 mode {mode!r} is not one of {MODES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = []
-    for spec, group_feeds in zip(specs, feeds, strict=True):
-        name = Path(spec.path).stem
-        dst = out / f"{name}.int8-{mode}.onnx"
-        src, exclude = spec.path, head_matmuls(spec.path)  # the head stays float: neither clipped nor int8
-        if mode != "minmax":
-            stats = {k: v for k, v in activation_stats(spec.path, group_feeds).items() if k not in exclude}
-            src = str(out / f"{name}.{mode}-float.onnx")
-            exclude += add_clip_and_shadow(spec.path, src, stats, fraction, shadow=mode == "shadow")
-        quantize_graph(src, dst, group_feeds, exclude)
-        if mode != "minmax":
-            strip_main_clips(dst)
-            for f in (Path(src), Path(src + ".data")):  # the rewritten float graph was only a step
-                f.unlink(missing_ok=True)
-        result.append(dataclasses.replace(spec, path=str(dst)))
-    return result
+    return [dataclasses.replace(spec, path=str(_quantize_group(spec, group_feeds, out, mode, fraction, smooth)))
+            for spec, group_feeds in zip(specs, feeds, strict=True)]
+
+
+def int8_path(float_path: str | Path, mode: str, smooth: float | None = SMOOTH_ALPHA, out_dir=None) -> Path:
+    """Where build_int8 writes the int8 copy of one float graph (the name records mode and smoothing)."""
+    p = Path(float_path)
+    tag = "" if smooth is None else f"-sq{round(100 * smooth)}"
+    return Path(out_dir or p.parent) / f"{p.stem}.int8-{mode}{tag}.onnx"
+
+
+def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Path, mode: str, fraction: float,
+                    smooth: float | None) -> Path:
+    from .outliers import activation_stats, add_clip_and_shadow, strip_main_clips
+    from .smooth import smooth_graph
+
+    name = Path(spec.path).stem
+    dst = int8_path(spec.path, mode, smooth, out)
+    src, exclude = spec.path, head_matmuls(spec.path)  # the head stays float: neither clipped, smoothed nor int8
+    steps = []  # intermediate float graphs, removed at the end
+    stats = None
+    if smooth is not None or mode != "minmax":
+        stats = {k: v for k, v in activation_stats(spec.path, feeds).items() if k not in exclude}
+    if smooth is not None:
+        # Exact in float, so the recorded feeds (graph inputs) still hold; stats come back as x / s.
+        src = str(out / f"{name}.smooth-float.onnx")
+        stats = smooth_graph(spec.path, src, stats, smooth)
+        steps.append(src)
+    if mode != "minmax":
+        clipped = str(out / f"{name}.{mode}-float.onnx")
+        exclude += add_clip_and_shadow(src, clipped, stats, fraction, shadow=mode == "shadow")
+        src = clipped
+        steps.append(src)
+    quantize_graph(src, dst, feeds, exclude)
+    if mode != "minmax":
+        strip_main_clips(dst)
+    for step in steps:
+        for f in (Path(step), Path(step + ".data")):
+            f.unlink(missing_ok=True)
+    return dst

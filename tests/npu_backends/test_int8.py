@@ -55,7 +55,7 @@ def test_quantized_graph_has_int8_linear_layers_and_float_attention_and_head(gra
     dq_outputs = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
     matmuls = [n for n in g.node if n.op_type == "MatMul" and not n.name.endswith("/ShadowMatMul")]
     quantized = [n for n in matmuls if n.input[0] in dq_outputs and n.input[1] in dq_outputs]
-    assert len(quantized) == 4 * 4  # qkv, o, gate|up, down per layer
+    assert len(quantized) == 4 * 5  # qkv, o, gate, up, down per layer
     assert len(matmuls) - len(quantized) == 2 * 4 + 1  # q.k and p.v stay float, and the head
     head = next(n for n in g.node if n.output[0] == "logits")
     inits = {i.name for i in g.initializer}

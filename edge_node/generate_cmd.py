@@ -18,6 +18,13 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("generate", help="generate text on this node")
     add_model_args(p)
+    try:
+        from npu_backends.build import add_prefill_args
+    except ModuleNotFoundError as e:  # onnxruntime missing: generate still works with torch prefill
+        if e.name not in ("onnxruntime", "onnx"):
+            raise
+    else:
+        add_prefill_args(p)
     p.set_defaults(run=run)
 
 
@@ -80,13 +87,15 @@ def run(args: argparse.Namespace) -> int:
         stream = TextStream(tok)
         if args.prompt is not None:
             sys.stdout.write(args.prompt)
+    prefill: dict = {}
+    step = _prefill_step(model, model_dir, args, prompt, prefill)
     result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args), eos_ids(model_dir, model.config),
-                      on_token=stream)
+                      on_token=stream, step=step)
     text = tok.decode(result.token_ids) if tok else ""
     if args.json:
         emit({"token_ids": result.token_ids, "text": text, "ttft_ms": round(result.ttft_ms, 3),
               "tpot_ms": round(result.tpot_ms, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-              "stop_reason": result.stop_reason}, True)
+              "stop_reason": result.stop_reason, **prefill}, True)
         return 0
     if tok is None:
         print(",".join(map(str, result.token_ids)))
@@ -94,4 +103,19 @@ def run(args: argparse.Namespace) -> int:
           f"time to first token {result.ttft_ms:.1f} ms, "
           f"{result.tpot_ms:.2f} ms/token ({1e3 / result.tpot_ms if result.tpot_ms else 0:.1f} tok/s), "
           f"peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr)
+    if prefill:
+        print(f"[prefill on ONNX Runtime, {prefill['prefill_provider']}: {prefill['prefill_ms']:.1f} ms]",
+              file=sys.stderr)
     return 0
+
+
+def _prefill_step(model, model_dir: Path, args: argparse.Namespace, prompt: list[int], report: dict):
+    """With --prefill ort, a decode step whose first call prefills on ONNX Runtime; fills `report`."""
+    if getattr(args, "prefill", "torch") != "ort":
+        return None
+    from npu_backends.build import prefill_step_from_args
+
+    def on_prefill(result) -> None:
+        report.update(prefill="ort", prefill_provider=result.provider, prefill_ms=round(result.seconds * 1e3, 3))
+
+    return prefill_step_from_args(model, model_dir, args, len(prompt), on_prefill)

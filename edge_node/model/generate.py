@@ -37,11 +37,15 @@ def check_prompt(prompt_ids: Sequence[int], max_positions: int, vocab_size: int)
 @torch.inference_mode()
 def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (),
-             on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Generate up to max_new_tokens after prompt_ids; stops at an EOS id or the context limit."""
+             on_token: Callable[[int], None] | None = None,
+             step: Callable[[list[int], int], torch.Tensor] | None = None) -> GenerationResult:
+    """Generate up to max_new_tokens after prompt_ids; stops at an EOS id or the context limit.
+
+    `step(ids, pos0)` replaces the model's own forward (e.g. a prefill on ONNX Runtime, then torch).
+    """
     cfg = model.config
     check_prompt(prompt_ids, cfg.max_position_embeddings, cfg.vocab_size)
-    step = _forward_fn(model)
+    step = step or _forward_fn(model)
     return decode_loop(step, list(prompt_ids), max_new_tokens, Sampler(sampling), eos_ids,
                        cfg.max_position_embeddings, on_token)
 

@@ -27,6 +27,17 @@ def test_json_output_has_exactly_the_promised_keys_and_greedy_ids(llama_dir):
     assert out["ttft_ms"] > 0 and out["tpot_ms"] > 0 and out["peak_rss_mb"] > 10
 
 
+def test_prefill_on_onnx_runtime_gives_the_same_greedy_tokens_and_reports_the_provider(llama_dir):
+    prompt = ",".join(str(5 + i % 50) for i in range(40))  # 40 tokens: two chunks of 32, the last padded
+    r = edgefed("generate", "--model", str(llama_dir), "--prompt-ids", prompt, "--max-new-tokens", "12",
+                "--greedy", "--prefill", "ort", "--chunk", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    expected = generate(load_model(llama_dir), [int(t) for t in prompt.split(",")], 12).token_ids
+    assert out["token_ids"] == expected
+    assert out["prefill"] == "ort" and out["prefill_provider"] == "CPUExecutionProvider" and out["prefill_ms"] > 0
+
+
 def test_text_prompt_uses_the_models_tokenizer(llama_dir, tmp_path):
     vocab = {chr(c): c - 32 for c in range(32, 127)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))

@@ -119,8 +119,11 @@ def add_prefill_args(p) -> None:
     p.add_argument("--graph-dir", help="with --prefill ort: keep and reuse exported graphs")
 
 
-def prefill_step_from_args(model: Transformer, model_dir: str | Path, args, prompt_len: int):
-    """None for --prefill torch; else a decode_loop `step` whose first call prefills on ONNX Runtime."""
+def prefill_step_from_args(model: Transformer, model_dir: str | Path, args, prompt_len: int, on_prefill=None):
+    """None for --prefill torch; else a decode_loop `step` whose first call prefills on ONNX Runtime.
+
+    `on_prefill(PrefillResult)` is called once the prompt is prefilled (provider used, timings).
+    """
     from .prefill import ort_prefill_step
 
     if getattr(args, "prefill", "torch") != "ort":
@@ -130,4 +133,4 @@ def prefill_step_from_args(model: Transformer, model_dir: str | Path, args, prom
     opts = PrefillOptions(args.chunk, round_up(prompt_len, args.chunk), provider=args.provider, strict=args.strict,
                           int8=args.int8, shadow=args.shadow, threads=getattr(args, "threads", None),
                           graph_dir=args.graph_dir)
-    return ort_prefill_step(model, build_prefill(model, model_dir, opts))
+    return ort_prefill_step(model, build_prefill(model, model_dir, opts), on_prefill)

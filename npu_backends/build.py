@@ -25,7 +25,7 @@ from .schedule import OutOfOrder, alternate
 @dataclass(frozen=True)
 class PrefillOptions:
     chunk: int = 128
-    context: int = 1024  # past slots; a prompt may be at most this long
+    context: int = 1024  # tokens the graphs hold, so the longest prompt; past slots = context - chunk
     groups: int = 1  # layer-block subgraphs
     provider: str = "cpu"
     strict: bool = False
@@ -71,7 +71,7 @@ def float_graphs(model: Transformer, opts: PrefillOptions, root: Path) -> list[G
         specs = load_specs(root)
         if (specs[0].chunk, specs[0].context, len(specs)) == (opts.chunk, opts.context, opts.groups):
             return specs
-    except (FileNotFoundError, KeyError, IndexError):
+    except (FileNotFoundError, KeyError, IndexError, TypeError):  # TypeError: graphs.json of an older layout
         pass
     return export_chunk_graphs(model, root, opts.chunk, opts.context, opts.groups)
 

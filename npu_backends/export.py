@@ -6,8 +6,12 @@ NPU compilers (QNN HTP, OpenVINO NPU, CoreML) require:
     input_ids (1, N) int64          first layer group only (else hidden (1, N, hidden) float)
     cos, sin (N, D) float           RoPE rows for the chunk's positions, computed on the host
     mask (1, 1, N, C + N) float     additive; keys are C past slots then the chunk's own N
-    past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group
+    past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group; absent when C = 0
     last_index (1,) int64           last layer group only: the row whose logits are wanted
+
+The graphs hold a context of T tokens (the longest prompt they take, a multiple of N)
+and have C = T - N past slots: the last chunk starts at position T - N at most, so more
+past slots would only ever be masked, yet every chunk would pay attention over them.
 
 Outputs: hidden (1, N, hidden) or, for the last group, logits (1, 1, vocab); and
 present_k_{i}, present_v_{i} (1, Hkv, N, D), the chunk's own K/V, which the host writes
@@ -38,13 +42,14 @@ OPSET = 17
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One exported subgraph: layers [start, end) at chunk N over context C."""
+    """One exported subgraph: layers [start, end) at chunk N, for prompts up to `context` tokens."""
 
     path: str
     start: int
     end: int
     chunk: int
-    context: int
+    context: int  # T: tokens the graphs hold
+    past: int  # C = T - N past K/V slots per layer
     first: bool
     last: bool
     windows: tuple[int | None, ...]  # the distinct attention windows; one mask input each
@@ -94,8 +99,8 @@ class _Layer(nn.Module):
         k = k.view(1, n, hkv, d).transpose(1, 2)  # (1, Hkv, N, D)
         v = v.view(1, n, hkv, d).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys = torch.cat([past_k, k], dim=2)  # (1, Hkv, C+N, D)
-        values = torch.cat([past_v, v], dim=2)
+        keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (1, Hkv, C+N, D)
+        values = v if past_v is None else torch.cat([past_v, v], dim=2)
         g = hq // hkv
         # Group queries by their KV head instead of repeating K/V: (1, Hkv, g*N, D).
         qg = q.reshape(1, hkv, g * n, d)
@@ -128,6 +133,8 @@ class ChunkGraph(nn.Module):
         has_index = self.last and not self.all_logits
         last_index = rest[-1] if has_index else None
         past = rest[:-1] if has_index else rest
+        if not past:  # C = 0: a one-chunk context has no past inputs
+            past = (None,) * (2 * len(self.layers))
         h = self.embed[x] if self.first else x  # (1, N) -> (1, N, hidden)
         presents = []
         for j, layer in enumerate(self.layers):
@@ -145,7 +152,7 @@ class ChunkGraph(nn.Module):
 def input_names(spec: GraphSpec, layers: range) -> list[str]:
     names = ["input_ids" if spec.first else "hidden_in", "cos", "sin"]
     names += [_mask_name(w) for w in spec.windows]
-    for i in layers:
+    for i in layers if spec.past else ():
         names += [f"past_k_{i}", f"past_v_{i}"]
     return names + (["last_index"] if spec.last and not spec.all_logits else [])
 
@@ -159,11 +166,11 @@ def output_names(spec: GraphSpec, layers: range) -> list[str]:
 
 def example_inputs(model: Transformer, spec: GraphSpec) -> tuple[torch.Tensor, ...]:
     cfg = model.config
-    n, c, d = spec.chunk, spec.context, cfg.head_dim
+    n, c, d = spec.chunk, spec.past, cfg.head_dim
     x = torch.zeros(1, n, dtype=torch.long) if spec.first else torch.zeros(1, n, cfg.hidden_size)
     cos, sin = model.rotary.at(0, n)
     masks = [torch.zeros(1, 1, n, c + n) for _ in spec.windows]
-    past = [torch.zeros(1, cfg.num_key_value_heads, c, d) for _ in range(2 * (spec.end - spec.start))]
+    past = [torch.zeros(1, cfg.num_key_value_heads, c, d) for _ in range(2 * (spec.end - spec.start) if c else 0)]
     tail = [torch.tensor([n - 1])] if spec.last and not spec.all_logits else []
     return (x, cos.float(), sin.float(), *masks, *past, *tail)
 
@@ -206,7 +213,7 @@ def split_layers(num_layers: int, groups: int) -> list[tuple[int, int]]:
 
 def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, context: int,
                         groups: int = 1, all_logits: bool = False) -> list[GraphSpec]:
-    """Export the model as `groups` layer-block subgraphs at chunk size `chunk` over `context` past slots.
+    """Export the model as `groups` layer-block subgraphs at chunk size `chunk`, for prompts up to `context` tokens.
 
     all_logits: the last group returns every row's logits (for evaluation) instead of one row's.
     """
@@ -214,8 +221,8 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
         raise ValueError(f"chunk {chunk} is not one of the supported sizes {CHUNK_SIZES}")
     if model.embed is None or model.lm_head is None or model.layer_ids != list(range(model.config.num_layers)):
         raise ValueError("export needs the whole model (embeddings, every layer, head)")
-    if context % chunk:
-        raise ValueError(f"context {context} must be a multiple of the chunk {chunk}")
+    if context % chunk or context < chunk:
+        raise ValueError(f"context {context} must be a positive multiple of the chunk {chunk}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -223,8 +230,9 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
     specs = []
     for a, b in split_layers(cfg.num_layers, groups):
         tag = "_all" if all_logits else ""
-        spec = GraphSpec(str(out / f"chunk{chunk}_ctx{context}_L{a}-{b}{tag}.onnx"), a, b, chunk, context,
-                         a == 0, b == cfg.num_layers, windows, all_logits)
+        # The name carries the past slots: graphs (and their int8 copies) of other layouts never match it.
+        spec = GraphSpec(str(out / f"chunk{chunk}_ctx{context}_past{context - chunk}_L{a}-{b}{tag}.onnx"), a, b,
+                         chunk, context, context - chunk, a == 0, b == cfg.num_layers, windows, all_logits)
         export_group(model, spec)
         specs.append(spec)
     (out / "graphs.json").write_text(json.dumps([asdict(s) for s in specs], indent=1))

@@ -4,7 +4,8 @@ The prompt is cut into chunks of the graph's fixed N; the last one is padded (so
 prompt shorter than a chunk works) and its logits are read at the last real token.
 Padding rows attend causally like real ones, so no row is fully masked (no NaN), and
 their K/V are never written to the cache. The cache lives on the host as numpy arrays
-of the graph's fixed context and is copied into an edge_node KVCache for decoding.
+of the graphs' whole context T (its first C = T - N slots are what a chunk reads as its
+past) and is copied into an edge_node KVCache for decoding.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ NEG = -1e9  # finite "minus infinity": a row never becomes all -inf, so softmax 
 
 @dataclass
 class HostKV:
-    """Per-layer K/V (1, Hkv, C, D) float32 on the host; positions [0, length) are valid."""
+    """Per-layer K/V (1, Hkv, T, D) float32 on the host; positions [0, length) are valid."""
 
     k: dict[int, np.ndarray]
     v: dict[int, np.ndarray]
@@ -75,7 +76,7 @@ class ChunkedPrefill:
     def __init__(self, model: Transformer, specs: Sequence[GraphSpec], provider: str = "cpu",
                  strict: bool = False, threads: int | None = None, sessions: Sequence | None = None):
         self.model, self.specs = model, list(specs)
-        self.chunk, self.context = specs[0].chunk, specs[0].context
+        self.chunk, self.context, self.past = specs[0].chunk, specs[0].context, specs[0].past
         self.sessions = list(sessions) if sessions else [make_session(s.path, provider, strict, threads)
                                                           for s in self.specs]
         self.provider = used_provider(self.sessions[0])
@@ -103,7 +104,7 @@ class ChunkedPrefill:
         feeds = {"input_ids": ids, "cos": cos.float().numpy(), "sin": sin.float().numpy(),
                  "last_index": np.array([len(real) - 1], np.int64)}
         for w in self.specs[0].windows:
-            feeds[_mask_name(w)] = chunk_mask(pos0, n, self.context, w)
+            feeds[_mask_name(w)] = chunk_mask(pos0, n, self.past, w)
         return feeds
 
     def run_cell(self, g: int, shared: dict[str, np.ndarray], x: np.ndarray | None, kv: HostKV,
@@ -113,8 +114,10 @@ class ChunkedPrefill:
         feeds = {k: v for k, v in shared.items() if k in self.inputs[g]}
         if not spec.first:
             feeds["hidden_in"] = x
-        for i in range(spec.start, spec.end):
-            feeds[f"past_k_{i}"], feeds[f"past_v_{i}"] = kv.k[i], kv.v[i]
+        for i in range(spec.start, spec.end) if spec.past else ():
+            # (1, Hkv, C, D): the first C of the host's T slots, made contiguous for ONNX Runtime
+            feeds[f"past_k_{i}"] = np.ascontiguousarray(kv.k[i][:, :, : spec.past])
+            feeds[f"past_v_{i}"] = np.ascontiguousarray(kv.v[i][:, :, : spec.past])
         outs = sess.run(None, feeds)
         for j, i in enumerate(range(spec.start, spec.end)):
             kv.k[i][:, :, pos0 : pos0 + n_real] = outs[1 + 2 * j][:, :, :n_real]  # (1, Hkv, n_real, D)

@@ -31,8 +31,9 @@ def assert_parity(model, result, prompt):
         assert np.abs(result.kv.v[i][:, :, :n] - cache.layers[i].v[:, :, :n].numpy()).max() < TOL
 
 
-# 64: chunks divide the prompt; 77: the last chunk is padded; 5: shorter than one chunk; 1: a single token
-@pytest.mark.parametrize("length", [64, 77, 5, 1])
+# 64: chunks divide the prompt; 77: the last chunk is padded; 5: shorter than one chunk; 1: a single token;
+# 128: the whole context, so the last chunk reads every one of the C = 96 past slots
+@pytest.mark.parametrize("length", [64, 77, 5, 1, 128])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_chunked_prefill_equals_torch_prefill(llama, graphs, length, groups):
     prompt = prompt_of(length, seed=length)
@@ -40,6 +41,24 @@ def test_chunked_prefill_equals_torch_prefill(llama, graphs, length, groups):
     assert result.chunks == -(-length // 32) and result.kv.length == length
     assert result.provider == "CPUExecutionProvider"
     assert_parity(llama, result, prompt)
+
+
+@pytest.mark.parametrize("length", [32, 5])
+def test_a_one_chunk_context_has_no_past_inputs_and_still_matches_torch(llama, tmp_path, length):
+    import onnx
+
+    specs = export_chunk_graphs(llama, tmp_path, 32, 32)  # T = N: C = 0 past slots
+    names = {i.name for i in onnx.load(specs[0].path, load_external_data=False).graph.input}
+    assert specs[0].past == 0 and not any(n.startswith("past_") for n in names)
+    prompt = prompt_of(length, seed=20 + length)
+    prefill = ChunkedPrefill(llama, specs)
+    assert_parity(llama, prefill.run(prompt), prompt)
+    ref = generate(llama, prompt, 8, SamplingConfig(greedy=True))
+    got = decode_loop(ort_prefill_step(llama, prefill), prompt, 8, Sampler(SamplingConfig(greedy=True)), (),
+                      llama.config.max_position_embeddings)
+    assert got.token_ids == ref.token_ids
+    with pytest.raises(PromptError, match="context of 32"):
+        prefill.run(prompt_of(33))
 
 
 @pytest.mark.parametrize("arch,overrides", [("qwen2", {}), ("mistral", {"sliding_window": 20})])

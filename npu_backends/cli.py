@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--provider", choices=list(PROFILES), default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU")
     p.add_argument("--chunk", type=int, choices=CHUNK_SIZES, default=128, help="tokens per static chunk graph")
-    p.add_argument("--context", type=int, help="tokens the graphs hold, a multiple of the chunk; past slots = context - chunk "
-                   "(default: the prompt, rounded up)")
+    p.add_argument("--context", type=int, help="tokens the graphs hold, a multiple of the chunk "
+                   "(past slots = context - chunk; default: the prompt, rounded up)")
     p.add_argument("--groups", type=int, default=1, help="layer-block subgraphs per chunk")
     p.add_argument("--out-of-order", action="store_true", help="schedule subgraphs over accelerator + CPU queues")
     p.add_argument("--int8", action="store_true", help="W8A8 QDQ linear layers, calibrated on the stdlib corpus")

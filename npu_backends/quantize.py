@@ -1,13 +1,15 @@
 """W8A8 static QDQ quantization of the chunk graphs' linear layers (onnxruntime.quantization).
 
-Only the layers' MatMuls whose B is a weight (q|k|v, o, gate|up, down) are quantized:
+Only the layers' MatMuls whose B is a weight (q|k|v, o, gate, up, down) are quantized:
 per-output-channel int8 weights, per-tensor uint8 activations calibrated on sample
 text. RoPE, the attention matmuls, the mask and softmax stay float (mllm's split:
 they run on the CPU), and so does the lm_head: in a prefill graph it runs for one
 row only, so int8 would save nothing there while costing top-1 agreement. Before
-quantizing, the float graph is smoothed (smooth.py): exact in float, it moves part of
-the activation ranges into the per-channel weights, where int8 has resolution to spare. Calibration inputs are recorded from the float graphs
-themselves, so every layer group is calibrated on the hidden states it really sees.
+quantizing, the float graph is smoothed (smooth.py) and the down projection's input
+rotated (rotate.py): both exact in float, they move activation range into the
+per-channel weights and spread the heavy tails, where a per-tensor uint8 scale loses
+most. Calibration inputs are recorded from the float graphs themselves, so every layer
+group is calibrated on the hidden states it really sees.
 """
 
 from __future__ import annotations
@@ -106,52 +108,64 @@ def quantize_graph(src: str | Path, dst: str | Path, feeds: list[dict[str, np.nd
 
 
 SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength; see smooth.py
+ROTATE_BLOCK = 64  # Hadamard block for the down projection's input; see rotate.py
 MODES = ("minmax", "clip", "shadow")  # plain W8A8 | tight clip, excess dropped | tight clip + float shadow
 
 
 def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray]]], out_dir: str | Path,
-               mode: str = "shadow", fraction: float = 1 / 64, smooth: float | None = SMOOTH_ALPHA) -> list[GraphSpec]:
+               mode: str = "shadow", fraction: float = 1 / 64, smooth: float | None = SMOOTH_ALPHA,
+               rotate: int | None = ROTATE_BLOCK) -> list[GraphSpec]:
     """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration.
 
-    smooth: SmoothQuant alpha for q|k|v and gate|up (None: no smoothing).
+    smooth: SmoothQuant alpha (None: no smoothing); rotate: Hadamard block of the down input (None: none).
     """
     if mode not in MODES:
         raise ValueError(f"int8 mode {mode!r} is not one of {MODES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [dataclasses.replace(spec, path=str(_quantize_group(spec, group_feeds, out, mode, fraction, smooth)))
+    return [dataclasses.replace(spec, path=str(_quantize_group(spec, group_feeds, out, mode, fraction, smooth, rotate)))
             for spec, group_feeds in zip(specs, feeds, strict=True)]
 
 
-def int8_path(float_path: str | Path, mode: str, smooth: float | None = SMOOTH_ALPHA, out_dir=None) -> Path:
-    """Where build_int8 writes the int8 copy of one float graph (the name records mode and smoothing)."""
+def int8_path(float_path: str | Path, mode: str, smooth: float | None = SMOOTH_ALPHA,
+              rotate: int | None = ROTATE_BLOCK, out_dir=None) -> Path:
+    """Where build_int8 writes the int8 copy of one float graph (the name records the recipe)."""
     p = Path(float_path)
-    tag = "" if smooth is None else f"-sq{round(100 * smooth)}"
+    tag = ("" if smooth is None else f"-sq{round(100 * smooth)}") + ("" if not rotate else f"-rot{rotate}")
     return Path(out_dir or p.parent) / f"{p.stem}.int8-{mode}{tag}.onnx"
 
 
+def _stats(path: str | Path, feeds: list[dict[str, np.ndarray]], skip: Sequence[str]) -> dict:
+    from .outliers import activation_stats
+
+    return {k: v for k, v in activation_stats(path, feeds).items() if k not in skip}
+
+
 def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Path, mode: str, fraction: float,
-                    smooth: float | None) -> Path:
-    from .outliers import activation_stats, add_clip_and_shadow, strip_main_clips
+                    smooth: float | None, rotate: int | None) -> Path:
+    from .outliers import add_clip_and_shadow, strip_main_clips
+    from .rotate import rotate_down
     from .smooth import smooth_graph
 
     name = Path(spec.path).stem
-    dst = int8_path(spec.path, mode, smooth, out)
+    dst = int8_path(spec.path, mode, smooth, rotate, out)
     src, exclude = spec.path, head_matmuls(spec.path)  # the head stays float: neither clipped, smoothed nor int8
-    steps = []  # intermediate float graphs, removed at the end
+    steps: list[str] = []  # intermediate float graphs, removed at the end
     stats = None
-    if smooth is not None or mode != "minmax":
-        stats = {k: v for k, v in activation_stats(spec.path, feeds).items() if k not in exclude}
+    # Smoothing and rotation are exact in float, so the recorded feeds (graph inputs) still hold.
     if smooth is not None:
-        # Exact in float, so the recorded feeds (graph inputs) still hold; stats come back as x / s.
-        src = str(out / f"{name}.smooth-float.onnx")
-        stats = smooth_graph(spec.path, src, stats, smooth)
-        steps.append(src)
+        steps.append(str(out / f"{name}.smooth-float.onnx"))
+        stats = smooth_graph(src, steps[-1], _stats(src, feeds, exclude), smooth)  # stats come back as x / s
+        src = steps[-1]
+    if rotate:
+        steps.append(str(out / f"{name}.rotate-float.onnx"))
+        exclude += rotate_down(src, steps[-1], rotate)  # the rotations stay float
+        src, stats = steps[-1], None  # a rotation mixes channels: measure again
     if mode != "minmax":
-        clipped = str(out / f"{name}.{mode}-float.onnx")
-        exclude += add_clip_and_shadow(src, clipped, stats, fraction, shadow=mode == "shadow")
-        src = clipped
-        steps.append(src)
+        steps.append(str(out / f"{name}.{mode}-float.onnx"))
+        stats = stats if stats is not None else _stats(src, feeds, exclude)
+        exclude += add_clip_and_shadow(src, steps[-1], stats, fraction, shadow=mode == "shadow")
+        src = steps[-1]
     quantize_graph(src, dst, feeds, exclude)
     if mode != "minmax":
         strip_main_clips(dst)

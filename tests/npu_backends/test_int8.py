@@ -9,6 +9,7 @@ import pytest
 from npu_backends.outliers import activation_stats, add_clip_and_shadow
 from npu_backends.prefill import ChunkedPrefill
 from npu_backends.quantize import build_int8, record_calibration
+from npu_backends.rotate import ROTATE_SUFFIX
 from tests.npu_backends.conftest import prompt_of
 
 
@@ -56,7 +57,9 @@ def test_quantized_graph_has_int8_linear_layers_and_float_attention_and_head(gra
     matmuls = [n for n in g.node if n.op_type == "MatMul" and not n.name.endswith("/ShadowMatMul")]
     quantized = [n for n in matmuls if n.input[0] in dq_outputs and n.input[1] in dq_outputs]
     assert len(quantized) == 4 * 5  # qkv, o, gate, up, down per layer
-    assert len(matmuls) - len(quantized) == 2 * 4 + 1  # q.k and p.v stay float, and the head
+    rotations = [n for n in matmuls if n.name.endswith(ROTATE_SUFFIX)]
+    assert len(rotations) == 4 and not {n.name for n in rotations} & {n.name for n in quantized}  # float
+    assert len(matmuls) - len(quantized) == 2 * 4 + 4 + 1  # q.k and p.v, the rotations, the head
     head = next(n for n in g.node if n.output[0] == "logits")
     inits = {i.name for i in g.initializer}
     assert head.op_type == "MatMul" and head.input[1] in inits and head.input[0] not in dq_outputs

@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, median, random_checkpoint  # noqa: E402
 from edge_node.model import Transformer, load_model  # noqa: E402
-from npu_backends.build import PrefillOptions, calibration_prompts, float_graphs, open_prefill  # noqa: E402
+from npu_backends.build import PrefillOptions, calibration_prompts, float_graphs, open_prefill, round_up  # noqa: E402
 from npu_backends.evaluate import agreement  # noqa: E402
 from npu_backends.export import export_chunk_graphs  # noqa: E402
 from npu_backends.prefill import ChunkedPrefill  # noqa: E402
-from npu_backends.quantize import MODES, build_int8, record_calibration  # noqa: E402
+from npu_backends.quantize import MODES, ROTATE_BLOCK, SMOOTH_ALPHA, build_int8, record_calibration  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "edgefed-demo"
 
@@ -123,12 +123,15 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
     text_ids, source = model_prompt(name, model_dir, a.prompt_len, cfg.vocab_size)
     prompt = text_ids[: a.prompt_len]
     flops = prefill_flops(model, a.prompt_len)
-    out = {"model": name, "prompt": source, "tokens": a.prompt_len, "gflop": flops / 1e9}
+    context = round_up(a.prompt_len, a.chunk)  # graphs hold the prompt: context - chunk past slots
+    out = {"model": name, "prompt": source, "tokens": a.prompt_len, "gflop": flops / 1e9, "chunk": a.chunk,
+           "context": context, "past_slots": context - a.chunk,
+           "int8_recipe": {"smooth_alpha": SMOOTH_ALPHA, "rotate_block": ROTATE_BLOCK, "float_head": True}}
     root = Path(a.cache) / f"{Path(name).name}-graphs-c{a.chunk}"
-    opts = PrefillOptions(a.chunk, a.prompt_len, threads=a.threads)
+    opts = PrefillOptions(a.chunk, context, threads=a.threads)
     specs = float_graphs(model, opts, root)
     variants = {"ORT float32, chunked": specs}
-    calib = calibration_prompts(model_dir, a.calib_tokens, a.prompt_len, cfg.vocab_size)
+    calib = calibration_prompts(model_dir, a.calib_tokens, context, cfg.vocab_size)
     feeds = record_calibration(model, specs, calib, a.threads)
     for mode in MODES:
         variants[f"ORT int8 {mode}, chunked"] = build_int8(specs, feeds, root, mode)
@@ -158,10 +161,11 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
 def eval_agreement(model: Transformer, model_dir: Path, root: Path, prompts: list[list[int]],
                    a: argparse.Namespace) -> dict:
     """Top-1 agreement of every int8 variant with float over every position of the held-out prompts."""
-    specs = export_chunk_graphs(model, root / "all", a.chunk, a.eval_len, all_logits=True)
-    calib = calibration_prompts(model_dir, a.calib_tokens, a.eval_len, model.config.vocab_size)
+    context = round_up(a.eval_len, a.chunk)
+    specs = export_chunk_graphs(model, root / "all", a.chunk, context, all_logits=True)
+    calib = calibration_prompts(model_dir, a.calib_tokens, context, model.config.vocab_size)
     feeds = record_calibration(model, specs, calib, a.threads)
-    opts = PrefillOptions(a.chunk, a.eval_len, threads=a.threads)
+    opts = PrefillOptions(a.chunk, context, threads=a.threads)
     ref = open_prefill(model, specs, opts)
     res = {m: agreement(ref, open_prefill(model, build_int8(specs, feeds, root / "all", m), opts), prompts)
            for m in MODES}

@@ -44,6 +44,8 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--repetition-penalty", type=float,
+                   help="penalise tokens already in the sequence (default: generation_config.json's, else 1.0 = off)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -28,10 +28,25 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+def generation_config(model_dir: Path) -> dict:
+    """generation_config.json's fields, or {} when the model has none."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def sampling_from_args(args: argparse.Namespace, model_dir: Path) -> SamplingConfig:
+    """CLI flags over the model's generation_config.json defaults (its repetition_penalty)."""
     sampled = not args.greedy and (args.temperature is not None or args.top_k or args.top_p < 1.0)
+    penalty = args.repetition_penalty
+    if penalty is None:
+        penalty = float(generation_config(model_dir).get("repetition_penalty") or 1.0)
     return SamplingConfig(greedy=not sampled, temperature=args.temperature or 1.0,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=penalty)
 
 
 def prompt_from_args(args: argparse.Namespace, model_dir: Path) -> tuple[list[int], Tokenizer | None]:
@@ -48,11 +63,9 @@ def prompt_from_args(args: argparse.Namespace, model_dir: Path) -> tuple[list[in
 
 def eos_ids(model_dir: Path, config: ModelConfig) -> tuple[int, ...]:
     """generation_config.json's eos_token_id wins over config.json's."""
-    path = model_dir / "generation_config.json"
-    if path.is_file():
-        value = json.loads(path.read_text()).get("eos_token_id")
-        if value is not None:
-            return tuple(value) if isinstance(value, list) else (int(value),)
+    value = generation_config(model_dir).get("eos_token_id")
+    if value is not None:
+        return tuple(value) if isinstance(value, list) else (int(value),)
     return config.eos_token_ids
 
 
@@ -89,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(args.prompt)
     prefill: dict = {}
     step = _prefill_step(model, model_dir, args, prompt, prefill)
-    result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args), eos_ids(model_dir, model.config),
+    result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args, model_dir), eos_ids(model_dir, model.config),
                       on_token=stream, step=step)
     text = tok.decode(result.token_ids) if tok else ""
     if args.json:

@@ -64,7 +64,7 @@ def _run_rank(args: argparse.Namespace) -> int:
                      args.timeout, args.drop_page_cache, args.threads)
     prompt, tok = prompt_from_args(args, shards) if args.rank == 0 else ([0], None)
     eos = eos_ids(shards, ModelConfig.from_dir(shards))
-    result = run_rank(opts, prompt, args.max_new_tokens, sampling_from_args(args), eos)
+    result = run_rank(opts, prompt, args.max_new_tokens, sampling_from_args(args, shards), eos)
     if result is not None:
         result["text"] = tok.decode(result["token_ids"]) if tok else ""
         emit(result, args.json)
@@ -81,7 +81,8 @@ def _child_argv(args: argparse.Namespace, rank: int, master: str) -> list[str]:
     else:
         argv += ["--prompt-ids", ",".join(map(str, args.prompt_ids))]
     for flag, value in (("--window", args.window), ("--memory-mb", args.memory_mb), ("--seed", args.seed),
-                        ("--temperature", args.temperature), ("--threads", args.threads)):
+                        ("--temperature", args.temperature), ("--threads", args.threads),
+                        ("--repetition-penalty", args.repetition_penalty)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, on in (("--greedy", args.greedy), ("--chat", args.chat), ("--json", args.json),

@@ -70,14 +70,16 @@ def decode_loop(step: Callable[[list[int], int], torch.Tensor], prompt: list[int
     reason = "length"
     t0 = time.perf_counter()
     ids, pos = prompt, 0
+    history = list(prompt)  # the repetition penalty sees prompt and output, as transformers' does
     while len(out) < max_new_tokens:
         if pos + len(ids) > max_positions:
             reason = "context"
             break
-        token = sampler(step(ids, pos))
+        token = sampler(step(ids, pos), history)
         times.append(time.perf_counter())
         pos += len(ids)
         out.append(token)
+        history.append(token)
         if on_token:
             on_token(token)
         if token in eos:

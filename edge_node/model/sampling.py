@@ -1,7 +1,13 @@
-"""Next-token choice: greedy, or temperature / top-k / top-p sampling with a seeded generator."""
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling with a seeded generator.
+
+A repetition penalty (CTRL's, as Hugging Face's generation_config applies it) first scales the
+logits of every token already in the sequence: divided by the penalty when positive, multiplied
+when negative. It applies to greedy decoding too, exactly as transformers' generate does.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +20,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     seed: int | None = None
+    repetition_penalty: float = 1.0  # 1.0 = off
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -22,6 +29,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 class Sampler:
@@ -33,9 +42,11 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits: (vocab,) for the last position -> next token id."""
+    def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """logits: (vocab,) for the last position; history: the ids so far (prompt + generated)."""
         c = self.config
+        if c.repetition_penalty != 1.0 and len(history):
+            logits = _penalize(logits, history, c.repetition_penalty)
         if c.greedy:
             return int(torch.argmax(logits))
         scores = logits.float() / c.temperature
@@ -46,6 +57,13 @@ class Sampler:
             scores = _top_p(scores, c.top_p)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def _penalize(logits: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
+    seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+    picked = logits.gather(0, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(0, seen, picked)
 
 
 def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -38,6 +38,21 @@ def test_prefill_on_onnx_runtime_gives_the_same_greedy_tokens_and_reports_the_pr
     assert out["prefill"] == "ort" and out["prefill_provider"] == "CPUExecutionProvider" and out["prefill_ms"] > 0
 
 
+def test_generation_configs_repetition_penalty_is_the_default_and_the_flag_overrides_it(llama_dir, tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    for f in llama_dir.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    (model_dir / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.5}))
+    args = ("generate", "--model", str(model_dir), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "16", "--json")
+    model = load_model(model_dir)
+    penalised = generate(model, [5, 6, 7, 8], 16, SamplingConfig(repetition_penalty=1.5)).token_ids
+    plain = generate(model, [5, 6, 7, 8], 16).token_ids
+    assert penalised != plain
+    assert json.loads(edgefed(*args).stdout)["token_ids"] == penalised
+    assert json.loads(edgefed(*args, "--repetition-penalty", "1").stdout)["token_ids"] == plain
+
+
 def test_text_prompt_uses_the_models_tokenizer(llama_dir, tmp_path):
     vocab = {chr(c): c - 32 for c in range(32, 127)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_node.model import generate, load_model
+from edge_node.model import SamplingConfig, generate, load_model
 from tests.checkpoints import make_checkpoint
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -55,6 +55,19 @@ def test_32_greedy_tokens_identical_to_transformers_generate(pair, pack):
     expected = ref.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     got = generate(load_model(path, pack=pack), ids[0].tolist(), 32).token_ids
     assert got == expected[0, ids.shape[1]:].tolist(), name
+
+
+def test_repetition_penalty_greedy_tokens_identical_to_transformers_generate(tmp_path):
+    ref = make_checkpoint(tmp_path / "m", arch="llama")
+    ids = prompt(seed=2)
+    for penalty in (0.8, 1.3):  # below 1 favours repeats, above 1 penalises them: both signs of logits matter
+        expected = ref.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                repetition_penalty=penalty)
+        plain = generate(load_model(tmp_path / "m"), ids[0].tolist(), 32).token_ids
+        got = generate(load_model(tmp_path / "m"), ids[0].tolist(), 32,
+                       SamplingConfig(repetition_penalty=penalty)).token_ids
+        assert got == expected[0, ids.shape[1]:].tolist(), penalty
+        assert got != plain, penalty  # the penalty really changed the output on this model
 
 
 def test_sharded_checkpoint_has_an_index(tmp_path):

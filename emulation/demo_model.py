@@ -37,6 +37,7 @@ from emulation import corpus  # noqa: E402
 from emulation.demo_model_files import (  # noqa: E402,F401  (re-exported: one import for callers)
     EOT,
     OUTPUT_FILES,
+    REPETITION_PENALTY,
     SAMPLE_NEW_TOKENS,
     SAMPLE_PROMPT,
     BuildResult,
@@ -219,13 +220,17 @@ def evaluate(model, stream: torch.Tensor, spec: DemoModelSpec, bf16: bool) -> tu
 
 @torch.no_grad()
 def greedy_sample(model, tokenizer: Tokenizer, prompt: str, new_tokens: int) -> str:
-    """Greedy continuation with no KV cache: slow but tiny, and independent of generate()."""
+    """Greedy continuation (with the shipped repetition penalty) and no KV cache: slow but tiny,
+    and independent of generate()."""
     model.eval()
+    from edge_node.model import Sampler, SamplingConfig
+
+    choose = Sampler(SamplingConfig(greedy=True, repetition_penalty=REPETITION_PENALTY))
     ids = tokenizer.encode(prompt).ids
     eot_id = tokenizer.token_to_id(EOT)
     for _ in range(new_tokens):
         context = torch.tensor([ids[-model.config.max_position_embeddings :]])
-        next_id = int(model(input_ids=context).logits[0, -1].float().argmax())
+        next_id = choose(model(input_ids=context).logits[0, -1].float(), ids)
         if next_id == eot_id:
             break
         ids.append(next_id)

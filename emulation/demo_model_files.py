@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 EOT = "<|endoftext|>"
 SAMPLE_PROMPT = "def fibonacci(n):"
 SAMPLE_NEW_TOKENS = 48
+#: Shipped in generation_config.json. A model this small loops under plain greedy decoding
+#: ("name, name, name, ..."); CTRL's penalty of 1.2 breaks the loops. transformers' generate
+#: and edgefed both apply it by default; --repetition-penalty 1 turns it off.
+REPETITION_PENALTY = 1.2
 #: Everything a build writes; a build refuses an --out directory holding anything else.
 OUTPUT_FILES = (
     "config.json",
@@ -156,7 +160,9 @@ On the held-out module files, with the shipped bfloat16 weights ({result.compute
 | held-out loss | {result.heldout_loss:.4f} |
 | held-out perplexity | {result.heldout_perplexity:.2f} |
 
-Greedy continuation of `{SAMPLE_PROMPT}` ({SAMPLE_NEW_TOKENS} new tokens at most, float32 compute):
+Greedy continuation of `{SAMPLE_PROMPT}` ({SAMPLE_NEW_TOKENS} new tokens at most, float32 compute, with the
+repetition penalty {REPETITION_PENALTY} that `generation_config.json` sets; without it greedy decoding falls
+into loops such as `_from_from_from`):
 
 ```python
 {result.sample}
@@ -204,7 +210,8 @@ def save_model_dir(out_dir: Path, model, tokenizer: Tokenizer, result: BuildResu
     model.save_pretrained(out_dir, safe_serialization=True)
     # save_pretrained leaves the weights owner-only (0600); the directory is meant to be shared.
     (out_dir / "model.safetensors").chmod(0o644)
-    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id,
+                     repetition_penalty=REPETITION_PENALTY).save_pretrained(out_dir)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(result.spec))
     (out_dir / "MODEL_CARD.md").write_text(model_card(result), encoding="utf-8")

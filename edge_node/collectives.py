@@ -91,6 +91,18 @@ class Comm:
             self.comm_s += time.perf_counter() - t0
         return x
 
+    def send(self, x: torch.Tensor, dst: int, what: str) -> None:
+        t0 = time.perf_counter()
+        self._wait(dist.isend(x.contiguous(), dst=dst), what)
+        self.comm_s += time.perf_counter() - t0
+
+    def recv(self, x: torch.Tensor, src: int, what: str) -> torch.Tensor:
+        """Fill x from rank `src`."""
+        t0 = time.perf_counter()
+        self._wait(dist.irecv(x, src=src), what)
+        self.comm_s += time.perf_counter() - t0
+        return x
+
     def gather(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's x at rank 0 (None elsewhere)."""
         if self.world == 1:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import psutil
 import torch
 from safetensors import safe_open
@@ -25,7 +27,10 @@ from edge_node.model.model import Linear, RMSNorm, Transformer
 from edge_node.model.sampling import Sampler, SamplingConfig
 from edge_node.shard import LINEARS, Manifest, ShardError, ShardFile, verify_file
 
-_STOP, _RUN = 1, 0
+if TYPE_CHECKING:
+    from npu_backends.build import PrefillOptions
+
+_STOP, _RUN, _KV = 1, 0, 2  # step header flags; _KV: rank 0 sends the prompt's KV-head slices
 _MARGIN = 48 << 20  # activations, logits and allocator slack on top of blocks and KV cache
 
 
@@ -40,6 +45,7 @@ class TPOptions:
     timeout_s: float = 60.0
     drop_page_cache: bool = False
     threads: int | None = None
+    ort_prefill: PrefillOptions | None = None  # rank 0 only: prefill on ONNX Runtime, then scatter the KV
 
 
 @dataclass
@@ -106,6 +112,12 @@ class RankEngine:
         w = self._window(len(files))
         self.window = SlidingWindow(files, self._build, w, ShardReader(opts.drop_page_cache))
         self.times = StepTimes()
+        self.prefill = None
+        if opts.ort_prefill is not None:  # graphs exported ahead; the model here is config + rotary only
+            from npu_backends.build import open_prefill_dir
+
+            self.prefill = open_prefill_dir(self.model, opts.ort_prefill)
+        self.prefill_report: dict = {}
 
     def _window(self, blocks: int) -> int | None:
         if self.opts.memory_mb is None:
@@ -157,6 +169,38 @@ class RankEngine:
         return logits[0, -1].float()
 
     @torch.inference_mode()
+    def prefill_ort(self, ids: list[int]) -> torch.Tensor:
+        """Rank 0: the whole prompt through the ONNX Runtime graphs, every rank handed its KV slice."""
+        t0, c0, w0 = time.perf_counter(), self.comm.comm_s, self.window.io_wait_s
+        r = self.prefill.run(ids)
+        n = r.kv.length
+        self.comm.broadcast(torch.tensor([n, 0, _KV]), "step header")
+        for rank, sl in enumerate(self.manifest.plan.slices):
+            a, b = sl.kv_heads
+            for i in range(self.cfg.num_layers) if a < b else ():
+                k = torch.from_numpy(np.ascontiguousarray(r.kv.k[i][:, a:b, :n]))  # (1, Hkv_rank, n, D)
+                v = torch.from_numpy(np.ascontiguousarray(r.kv.v[i][:, a:b, :n]))
+                if rank == 0:
+                    self._store_kv(i, k, v)
+                else:
+                    self.comm.send(k, rank, f"prefill K of layer {i} to rank {rank}")
+                    self.comm.send(v, rank, f"prefill V of layer {i} to rank {rank}")
+        self._record(t0, c0, w0)
+        self.prefill_report = {"prefill": "ort", "prefill_provider": r.provider,
+                               "prefill_ms": round(r.seconds * 1e3, 3)}
+        return torch.from_numpy(r.logits).float()
+
+    def _receive_kv(self, n: int) -> None:
+        a, b = self.manifest.plan.slices[self.rank].kv_heads
+        for i in range(self.cfg.num_layers) if a < b else ():
+            k = self.comm.recv(torch.empty(1, b - a, n, self.cfg.head_dim), 0, f"prefill K of layer {i}")
+            v = self.comm.recv(torch.empty(1, b - a, n, self.cfg.head_dim), 0, f"prefill V of layer {i}")
+            self._store_kv(i, k, v)
+
+    def _store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.layer(layer, k.shape[1], k.shape[3]).update(0, k.to(self.dtype), v.to(self.dtype))
+
+    @torch.inference_mode()
     def score(self, ids: list[int]) -> torch.Tensor:
         """Logits at every position (S, vocab) of one sequence, on a fresh cache: evaluation, one rank only."""
         if self.comm.world != 1:
@@ -180,6 +224,9 @@ class RankEngine:
             n, pos0, flag = header.tolist()
             if flag == _STOP:
                 return
+            if flag == _KV:
+                self._receive_kv(n)
+                continue
             t0, c0, w0 = time.perf_counter(), self.comm.comm_s, self.window.io_wait_s
             h = self.comm.broadcast(torch.empty(1, n, self.cfg.hidden_size), "input hidden states")
             self._run_layers(h.to(self.dtype), pos0)
@@ -232,7 +279,7 @@ def _lead(engine: RankEngine, prompt: list[int], max_new: int, sampling: Samplin
     logits: list[torch.Tensor] = []
 
     def step(ids: list[int], pos0: int) -> torch.Tensor:
-        out = engine.step(ids, pos0)
+        out = engine.prefill_ort(ids) if pos0 == 0 and engine.prefill else engine.step(ids, pos0)
         if keep_logits:
             logits.append(out.clone())
         return out
@@ -256,7 +303,7 @@ def _lead(engine: RankEngine, prompt: list[int], max_new: int, sampling: Samplin
         "block_mb": round(engine.block_bytes / 2**20, 2), "kv_cache_mb": round(engine.kv_bytes / 2**20, 3),
         "bytes_read_per_token": int(stats[:, 2].sum()), "bytes_read_total": int(stats[:, 1].sum()),
         "disk_read_bytes_total": int(stats[:, 4].sum()),
-        "per_token": per_token,
+        "per_token": per_token, **engine.prefill_report,
         "per_token_mean": {k: round(sum(d[k] for d in decode) / len(decode), 3) for k in decode[0]} if decode else {},
     }
     if keep_logits:

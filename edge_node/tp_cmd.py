@@ -31,7 +31,29 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int, help="run only this rank (needs --master-addr)")
     p.add_argument("--master-addr", help="HOST:PORT of rank 0's rendezvous")
     add_model_args(p, model_required=False)
+    try:
+        from npu_backends.build import add_prefill_args
+    except ModuleNotFoundError as e:  # onnxruntime missing: torch prefill only
+        if e.name not in ("onnxruntime", "onnx"):
+            raise
+    else:
+        add_prefill_args(p)  # rank 0 prefills on ONNX Runtime from graphs exported ahead (--graph-dir)
     p.set_defaults(run=run)
+
+
+def _ort_prefill(args: argparse.Namespace):
+    """Rank 0's ONNX Runtime prefill options, or None (torch prefill across the ranks)."""
+    if getattr(args, "prefill", "torch") != "ort":
+        return None
+    from npu_backends.build import PrefillOptions
+
+    if not args.graph_dir:
+        raise ValueError("tp-generate --prefill ort needs --graph-dir: graphs exported ahead with "
+                         "`edgefed prefill --model DIR --graph-dir G ...` (the ranks hold no whole model to export)")
+    if args.shadow and not args.int8:
+        raise ValueError("--shadow needs --int8")
+    return PrefillOptions(provider=args.provider, strict=args.strict, int8=args.int8, shadow=args.shadow,
+                          threads=args.threads, graph_dir=args.graph_dir)
 
 
 def free_port() -> int:
@@ -61,7 +83,8 @@ def _run_rank(args: argparse.Namespace) -> int:
 
     shards = Path(args.shards)
     opts = TPOptions(shards, args.rank, args.master_addr, args.window, args.memory_mb, args.allreduce,
-                     args.timeout, args.drop_page_cache, args.threads)
+                     args.timeout, args.drop_page_cache, args.threads,
+                     _ort_prefill(args) if args.rank == 0 else None)
     prompt, tok = prompt_from_args(args, shards) if args.rank == 0 else ([0], None)
     eos = eos_ids(shards, ModelConfig.from_dir(shards))
     result = run_rank(opts, prompt, args.max_new_tokens, sampling_from_args(args, shards), eos)
@@ -85,8 +108,12 @@ def _child_argv(args: argparse.Namespace, rank: int, master: str) -> list[str]:
                         ("--repetition-penalty", args.repetition_penalty)):
         if value is not None:
             argv += [flag, str(value)]
+    if getattr(args, "prefill", "torch") == "ort":
+        argv += ["--prefill", "ort", "--provider", args.provider]
+        argv += ["--graph-dir", args.graph_dir] if args.graph_dir else []
     for flag, on in (("--greedy", args.greedy), ("--chat", args.chat), ("--json", args.json),
-                     ("--drop-page-cache", args.drop_page_cache)):
+                     ("--drop-page-cache", args.drop_page_cache), ("--strict", getattr(args, "strict", False)),
+                     ("--int8", getattr(args, "int8", False)), ("--shadow", getattr(args, "shadow", False))):
         if on:
             argv.append(flag)
     return argv

@@ -96,6 +96,29 @@ def build_prefill(model: Transformer, model_dir: str | Path, opts: PrefillOption
     return open_prefill(model, specs, opts)
 
 
+def open_prefill_dir(model: Transformer, opts: PrefillOptions) -> ChunkedPrefill:
+    """Open graphs an earlier `edgefed prefill --graph-dir` exported (and quantized); export nothing.
+
+    For runtimes that do not hold the whole checkpoint, such as a tensor-parallel rank 0: `model`
+    only needs the config and rotary table (a Transformer without blocks will do).
+    """
+    root = Path(opts.graph_dir or "")
+    try:
+        specs = load_specs(root)
+    except (FileNotFoundError, KeyError, TypeError):
+        raise ValueError(f"{root}: no exported chunk graphs (graphs.json); export them first with "
+                         f"`edgefed prefill --model DIR --graph-dir {root} --chunk N --context T`") from None
+    if opts.int8:
+        paths = [int8_path(s.path, opts.int8_mode) for s in specs]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise ValueError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "
+                             f"`edgefed prefill --model DIR --graph-dir {root} --int8"
+                             f"{' --shadow' if opts.shadow else ''}`")
+        specs = [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)]
+    return open_prefill(model, specs, replace(opts, chunk=specs[0].chunk, context=specs[0].context))
+
+
 def open_prefill(model: Transformer, specs: list[GraphSpec], opts: PrefillOptions) -> ChunkedPrefill:
     """Sessions per layer group: accelerator-queue groups on the provider, CPU-queue groups on the CPU EP."""
     placement = alternate(len(specs)) if opts.out_of_order else {g: "accel" for g in range(len(specs))}

@@ -193,3 +193,27 @@ def test_low_precision_shards_generate_close_to_float(llama_dir, tmp_path, weigh
     out = json.loads(r.stdout)
     assert out["weights"] == weights and len(out["token_ids"]) == 4
     assert out["token_ids"][0] == generate(load_model(llama_dir), [5, 6, 7, 8], 1).token_ids[0]
+
+
+def test_rank0_prefills_on_onnx_runtime_and_hands_every_rank_its_kv_slice(tmp_path):
+    # 3 ranks over 2 KV heads: one rank holds no attention heads and receives no KV.
+    make_checkpoint(tmp_path / "m", num_key_value_heads=2)
+    write_shards(tmp_path / "m", tmp_path / "s", 3, [2, 1, 1])
+    prompt = ",".join(str(5 + i % 60) for i in range(40))
+    graphs = tmp_path / "graphs"
+    r = edgefed("prefill", "--model", str(tmp_path / "m"), "--backend", "ort", "--chunk", "32", "--context", "64",
+                "--graph-dir", str(graphs), "--prompt-ids", prompt, "--json")
+    assert r.returncode == 0, r.stderr
+    r = edgefed("tp-generate", "--shards", str(tmp_path / "s"), "--prefill", "ort", "--graph-dir", str(graphs),
+                "--prompt-ids", prompt, "--max-new-tokens", "10", "--greedy", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    expected = generate(load_model(tmp_path / "m"), [int(t) for t in prompt.split(",")], 10).token_ids
+    assert out["token_ids"] == expected
+    assert out["prefill"] == "ort" and out["prefill_provider"] == "CPUExecutionProvider"
+
+
+def test_tp_prefill_on_onnx_runtime_without_exported_graphs_is_a_clear_error(shards2, tmp_path):
+    r = edgefed("tp-generate", "--shards", str(shards2 / "s"), "--prefill", "ort", "--graph-dir", str(tmp_path),
+                "--prompt-ids", "5,6,7", "--max-new-tokens", "2", "--json", "--timeout", "10")
+    assert r.returncode != 0 and "no exported chunk graphs" in r.stderr and "Traceback" not in r.stderr

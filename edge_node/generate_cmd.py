@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(args.prompt)
     prefill: dict = {}
     step = _prefill_step(model, model_dir, args, prompt, prefill)
-    result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args, model_dir), eos_ids(model_dir, model.config),
-                      on_token=stream, step=step)
+    result = generate(model, prompt, args.max_new_tokens, sampling_from_args(args, model_dir),
+                      eos_ids(model_dir, model.config), on_token=stream, step=step)
     text = tok.decode(result.token_ids) if tok else ""
     if args.json:
         emit({"token_ids": result.token_ids, "text": text, "ttft_ms": round(result.ttft_ms, 3),

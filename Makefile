@@ -40,5 +40,9 @@ test-fast: install-test
 bench: install-test
 	$(PY) benchmarks/bench_decode.py
 
+lint: install
+	$(PIP) install ruff==0.17.6
+	$(VENV)/bin/ruff check .
+
 clean-venv:
 	rm -rf $(VENV)

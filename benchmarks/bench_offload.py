@@ -6,7 +6,8 @@ transformers + accelerate disk offload (TPI-LLM's baseline), on a Llama-3.2-1B-s
 Each edgefed rank runs in its own cgroup-v1 memory cgroup limited to --cap-mb (when /sys/fs/cgroup/memory
 is writable) and derives its window from --memory-mb. "warm" = shard files in the host page cache (as
 accelerate's offload files are in its runs); "cold" = every block read from the device (the engine evicts
-each file's pages after reading it, posix_fadvise DONTNEED). Needs root for the cgroups; writes only
+each file's pages after reading it, posix_fadvise DONTNEED); accelerate runs warm, and cold inside the
+cap cgroup with its files evicted first. Needs root for the cgroups; writes only
 under --cache (default /tmp/edgefed-bench).
 """
 
@@ -117,7 +118,13 @@ def run_edgefed(shards: Path, nodes: int, a, cold: bool, prompt: list[int]) -> d
     return res
 
 
-def run_accelerate(model_dir: Path, a, prompt: list[int], capped: bool) -> dict:
+def run_accelerate(model_dir: Path, a, prompt: list[int], capped: bool, cold: bool = False) -> dict:
+    """cold: the checkpoint and offload files are evicted first, so inside the cap cgroup (which is then
+    charged for the page cache they fill) every token reads what does not fit from the device, as on a
+    device with only that much memory. Warm runs read pages an earlier run left in the host page cache."""
+    if cold:
+        offload = Path(a.cache) / "accelerate-offload"
+        evict([f for f in [*model_dir.iterdir(), *offload.rglob("*")] if f.is_file()])
     prefix, group = cgroup_prefix("accelerate", a.cap_mb) if capped else ([], None)
     cmd = [*prefix, sys.executable, __file__, "--child-accelerate", str(model_dir), "--cap-mb", str(a.cap_mb),
            "--new", str(a.new), "--threads", str(a.threads), "--cache", a.cache,
@@ -187,11 +194,11 @@ def main() -> None:
     print(f"# read rate over {configs[0]} shards: device (cold) {rates['cold']:.2f} GB/s, "
           f"page cache (warm) {rates['warm']:.2f} GB/s", flush=True)
     rows = []
-    for capped in ([] if a.skip_accelerate else [False, True]):
-        r = run_accelerate(model_dir, a, prompt, capped)
-        print(f"accelerate capped={capped}", json.dumps(r), flush=True)
+    for capped, cold in ([] if a.skip_accelerate else [(False, False), (True, False), (True, True)]):
+        r = run_accelerate(model_dir, a, prompt, capped, cold)
+        print(f"accelerate capped={capped} cold={cold}", json.dumps(r), flush=True)
         rows.append((f"transformers + accelerate disk offload, float32{', in the cap cgroup' if capped else ''}",
-                     "warm", 1, r, None))
+                     "cold" if cold else "warm", 1, r, None))
     for nodes, weights in configs:
         for mode in a.modes.split(","):
             r = run_edgefed(shards[(nodes, weights)], nodes, a, mode == "cold", prompt)

@@ -51,6 +51,17 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def add_prefill_args(p: argparse.ArgumentParser) -> None:
+    """--prefill torch|ort and its flags, where ONNX Runtime is installed (else torch prefill only)."""
+    try:
+        from npu_backends.build import add_prefill_args as add
+    except ModuleNotFoundError as e:
+        if e.name not in ("onnxruntime", "onnx"):
+            raise
+        return
+    add(p)
+
+
 def _register(sub) -> None:
     from edge_node import generate_cmd
 

@@ -14,17 +14,11 @@ from edge_node.model.config import ModelConfig
 
 
 def add_parser(sub) -> None:
-    from edge_node.cli import add_model_args
+    from edge_node.cli import add_model_args, add_prefill_args
 
     p = sub.add_parser("generate", help="generate text on this node")
     add_model_args(p)
-    try:
-        from npu_backends.build import add_prefill_args
-    except ModuleNotFoundError as e:  # onnxruntime missing: generate still works with torch prefill
-        if e.name not in ("onnxruntime", "onnx"):
-            raise
-    else:
-        add_prefill_args(p)
+    add_prefill_args(p)
     p.set_defaults(run=run)
 
 

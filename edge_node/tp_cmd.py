@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from edge_node.cli import add_model_args
+    from edge_node.cli import add_model_args, add_prefill_args
 
     p = sub.add_parser("tp-generate", help="tensor-parallel generation across ranks, streaming layer blocks")
     p.add_argument("--shards", required=True, help="directory written by `edgefed shard`")
@@ -31,13 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int, help="run only this rank (needs --master-addr)")
     p.add_argument("--master-addr", help="HOST:PORT of rank 0's rendezvous")
     add_model_args(p, model_required=False)
-    try:
-        from npu_backends.build import add_prefill_args
-    except ModuleNotFoundError as e:  # onnxruntime missing: torch prefill only
-        if e.name not in ("onnxruntime", "onnx"):
-            raise
-    else:
-        add_prefill_args(p)  # rank 0 prefills on ONNX Runtime from graphs exported ahead (--graph-dir)
+    add_prefill_args(p)  # rank 0 prefills on ONNX Runtime from graphs exported ahead (--graph-dir)
     p.set_defaults(run=run)
 
 

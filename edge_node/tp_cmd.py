@@ -84,8 +84,22 @@ def _run_rank(args: argparse.Namespace) -> int:
     result = run_rank(opts, prompt, args.max_new_tokens, sampling_from_args(args, shards), eos)
     if result is not None:
         result["text"] = tok.decode(result["token_ids"]) if tok else ""
-        emit(result, args.json)
+        if args.json:
+            emit(result, True)
+        else:
+            _print_text(args, result)
     return 0
+
+
+def _print_text(args: argparse.Namespace, r: dict) -> None:
+    """Prompt and continuation on stdout (ids when there is no tokenizer), timings on stderr."""
+    print((args.prompt or "") + r["text"] if r["text"] or args.prompt else ",".join(map(str, r["token_ids"])))
+    mean = r.get("per_token_mean", {})
+    print(f"\n[{len(r['token_ids'])} tokens, stop: {r['stop_reason']}, {r['nodes']} ranks] "
+          f"time to first token {r['ttft_ms']:.1f} ms, {r['tpot_ms']:.2f} ms/token "
+          f"(compute {mean.get('compute_ms', 0):.1f} / comm {mean.get('comm_ms', 0):.1f} / "
+          f"io wait {mean.get('io_wait_ms', 0):.1f} ms), peak RSS per rank {r['per_rank_peak_rss_mb']} MB",
+          file=sys.stderr)
 
 
 def _child_argv(args: argparse.Namespace, rank: int, master: str) -> list[str]:

@@ -59,6 +59,7 @@ def torch_prefill(model, prompt: list[int]) -> tuple[np.ndarray, float]:
 def run(args: argparse.Namespace) -> int:
     from edge_node.cli import emit, peak_rss_mb
     from edge_node.model import load_model
+    from edge_node.model.generate import check_prompt
 
     from .build import PrefillOptions, build_prefill, round_up
 
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, torch.float32)
     prompt = prompt_ids(args)
+    check_prompt(prompt, model.config.max_position_embeddings, model.config.vocab_size)  # before any export
     torch_prefill(model, prompt)  # warm-up
     ref, torch_s = torch_prefill(model, prompt)
     out = {"backend": args.backend, "prompt_tokens": len(prompt)}

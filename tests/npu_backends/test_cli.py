@@ -52,3 +52,12 @@ def test_the_generate_hook_prefills_on_ort_and_decodes_the_same_tokens(llama_dir
     got = decode_loop(step, prompt, 10, Sampler(greedy), (), model.config.max_position_embeddings)
     assert got.token_ids == generate(model, prompt, 10, greedy).token_ids
     assert prefill_step_from_args(model, llama_dir, p.parse_args([]), 50) is None
+
+
+def test_a_prompt_longer_than_the_model_holds_is_named_before_any_export(llama_dir, capsys, tmp_path):
+    limit = json.loads((llama_dir / "config.json").read_text())["max_position_embeddings"]
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(limit + 7), "--int8",
+            "--graph-dir", str(tmp_path), "--json"]
+    assert main(argv) == 2
+    assert f"the prompt has {limit + 7} tokens" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing exported or calibrated for a prompt that cannot run

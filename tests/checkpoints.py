@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
@@ -28,3 +31,16 @@ def make_checkpoint(path, arch: str = "llama", tie: bool = False, max_shard_size
     return model.float() if dtype != torch.float32 else model
 
 
+
+
+def copy_model(src: Path, dst: Path, char_tokenizer: bool = False) -> Path:
+    """A copy of the model directory src at dst; with char_tokenizer, a tokenizer.json mapping each printable
+    ASCII character to id (code - 32), so text prompts work on a tiny random model."""
+    shutil.copytree(src, dst)
+    if char_tokenizer:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        tok = Tokenizer(models.WordLevel({chr(c): c - 32 for c in range(32, 127)}, unk_token="?"))
+        tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        tok.save(str(dst / "tokenizer.json"))
+    return dst

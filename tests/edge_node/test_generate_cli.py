@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from edge_node.model import SamplingConfig, generate, load_model
 from edge_node.model.sampling import Sampler
+from tests.checkpoints import copy_model
 
 
 def edgefed(*args: str) -> subprocess.CompletedProcess:
@@ -39,10 +40,7 @@ def test_prefill_on_onnx_runtime_gives_the_same_greedy_tokens_and_reports_the_pr
 
 
 def test_generation_configs_repetition_penalty_is_the_default_and_the_flag_overrides_it(llama_dir, tmp_path):
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    for f in llama_dir.iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
+    model_dir = copy_model(llama_dir, tmp_path / "m")
     (model_dir / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.5}))
     args = ("generate", "--model", str(model_dir), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "16", "--json")
     model = load_model(model_dir)
@@ -54,14 +52,8 @@ def test_generation_configs_repetition_penalty_is_the_default_and_the_flag_overr
 
 
 def test_text_prompt_uses_the_models_tokenizer(llama_dir, tmp_path):
-    vocab = {chr(c): c - 32 for c in range(32, 127)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    for f in llama_dir.iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
-    tok.save(str(model_dir / "tokenizer.json"))
+    model_dir = copy_model(llama_dir, tmp_path / "m", char_tokenizer=True)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     r = edgefed("generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "5", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -16,7 +16,7 @@ import torch
 from edge_node.model import generate, load_model
 from edge_node.shard import write_shards
 from edge_node.tp_cmd import free_port
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import copy_model, make_checkpoint
 
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 11]
 NEW = 12
@@ -166,15 +166,10 @@ def test_a_corrupt_shard_fails_the_run_naming_the_file(shards2, tmp_path):
 
 
 def test_text_prompt_uses_the_tokenizer_copied_beside_the_shards(llama_dir, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.WordLevel({chr(c): c - 32 for c in range(32, 127)}, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    model_dir = tmp_path / "m"
-    model_dir.mkdir()
-    for f in llama_dir.iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
-    tok.save(str(model_dir / "tokenizer.json"))
+    model_dir = copy_model(llama_dir, tmp_path / "m", char_tokenizer=True)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     write_shards(model_dir, tmp_path / "s", 2)
     r = edgefed("tp-generate", "--shards", str(tmp_path / "s"), "--prompt", "hello", "--max-new-tokens", "5",
                 "--json", "--allreduce", "gloo")

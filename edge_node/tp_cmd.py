@@ -39,15 +39,12 @@ def _ort_prefill(args: argparse.Namespace):
     """Rank 0's ONNX Runtime prefill options, or None (torch prefill across the ranks)."""
     if getattr(args, "prefill", "torch") != "ort":
         return None
-    from npu_backends.build import PrefillOptions
+    from npu_backends.build import options_from_args
 
     if not args.graph_dir:
         raise ValueError("tp-generate --prefill ort needs --graph-dir: graphs exported ahead with "
                          "`edgefed prefill --model DIR --graph-dir G ...` (the ranks hold no whole model to export)")
-    if args.shadow and not args.int8:
-        raise ValueError("--shadow needs --int8")
-    return PrefillOptions(provider=args.provider, strict=args.strict, int8=args.int8, shadow=args.shadow,
-                          threads=args.threads, graph_dir=args.graph_dir)
+    return options_from_args(args, args.chunk)  # chunk and context are the exported graphs' own
 
 
 def free_port() -> int:

@@ -85,15 +85,20 @@ def build_prefill(model: Transformer, model_dir: str | Path, opts: PrefillOption
     root = Path(opts.graph_dir)
     specs = float_graphs(model, opts, root)
     if opts.int8:
-        mode = opts.int8_mode
-        cached = [int8_path(s.path, mode) for s in specs]
-        if all(p.is_file() for p in cached):
-            specs = [replace(s, path=str(p)) for s, p in zip(specs, cached, strict=True)]
-        else:
+        cached, missing = _int8_specs(specs, opts.int8_mode)
+        if missing:
             prompts = calibration_prompts(model_dir, opts.calib_tokens, opts.context, model.config.vocab_size)
             feeds = record_calibration(model, specs, prompts, opts.threads)
-            specs = build_int8(specs, feeds, root, mode, opts.hot_fraction)
+            cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction)
+        specs = cached
     return open_prefill(model, specs, opts)
+
+
+def _int8_specs(specs: list[GraphSpec], mode: str) -> tuple[list[GraphSpec], list[str]]:
+    """The int8 copies of float `specs` (where build_int8 writes them) and the names of those not built yet."""
+    paths = [int8_path(s.path, mode) for s in specs]
+    missing = [p.name for p in paths if not p.is_file()]
+    return [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)], missing
 
 
 def open_prefill_dir(model: Transformer, opts: PrefillOptions) -> ChunkedPrefill:
@@ -109,13 +114,11 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions) -> ChunkedPrefill
         raise ValueError(f"{root}: no exported chunk graphs (graphs.json); export them first with "
                          f"`edgefed prefill --model DIR --graph-dir {root} --chunk N --context T`") from None
     if opts.int8:
-        paths = [int8_path(s.path, opts.int8_mode) for s in specs]
-        missing = [p.name for p in paths if not p.is_file()]
+        specs, missing = _int8_specs(specs, opts.int8_mode)
         if missing:
             raise ValueError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "
                              f"`edgefed prefill --model DIR --graph-dir {root} --int8"
                              f"{' --shadow' if opts.shadow else ''}`")
-        specs = [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)]
     return open_prefill(model, specs, replace(opts, chunk=specs[0].chunk, context=specs[0].context))
 
 
@@ -151,9 +154,13 @@ def prefill_step_from_args(model: Transformer, model_dir: str | Path, args, prom
 
     if getattr(args, "prefill", "torch") != "ort":
         return None
+    opts = options_from_args(args, round_up(prompt_len, args.chunk))
+    return ort_prefill_step(model, build_prefill(model, model_dir, opts), on_prefill)
+
+
+def options_from_args(args, context: int) -> PrefillOptions:
+    """PrefillOptions from the add_prefill_args flags, for graphs holding `context` tokens."""
     if args.shadow and not args.int8:
         raise ValueError("--shadow needs --int8")
-    opts = PrefillOptions(args.chunk, round_up(prompt_len, args.chunk), provider=args.provider, strict=args.strict,
-                          int8=args.int8, shadow=args.shadow, threads=getattr(args, "threads", None),
-                          graph_dir=args.graph_dir)
-    return ort_prefill_step(model, build_prefill(model, model_dir, opts), on_prefill)
+    return PrefillOptions(args.chunk, context, provider=args.provider, strict=args.strict, int8=args.int8,
+                          shadow=args.shadow, threads=getattr(args, "threads", None), graph_dir=args.graph_dir)

@@ -82,7 +82,8 @@ class TextStream:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_node.cli import emit, peak_rss_mb
+    from edge_node.cli import emit
+    from edge_node.memory import own_peak_rss_mb as peak_rss_mb
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -57,7 +57,8 @@ def torch_prefill(model, prompt: list[int]) -> tuple[np.ndarray, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_node.cli import emit, peak_rss_mb
+    from edge_node.cli import emit
+    from edge_node.memory import own_peak_rss_mb as peak_rss_mb
     from edge_node.model import load_model
     from edge_node.model.generate import check_prompt
 

@@ -19,11 +19,9 @@ no page cache stays charged to the rank's cgroup.
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +30,9 @@ from typing import Any
 import torch
 
 from edge_node.model.errors import EdgefedError
-from edge_node.shard import ShardChecksumError, ShardFile
+from edge_node.model.formats import ChecksumError, check_sha256, parse_buffer
+from edge_node.shard import ShardFile
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
 _CHUNK = 1 << 24  # hash and read in 16 MiB pieces so hashing overlaps nothing but stays cache-friendly
 _POLL_S = 0.2
 
@@ -81,7 +78,7 @@ class ShardReader:
             while done < f.bytes:
                 n = os.readv(fd, [view[done: done + _CHUNK]])
                 if n == 0:
-                    raise ShardChecksumError(f"{f.path}: file is shorter than the manifest's {f.bytes} bytes")
+                    raise ChecksumError(f"{f.path}: file is shorter than the manifest's {f.bytes} bytes")
                 if h is not None:
                     h.update(view[done: done + n])
                 done += n
@@ -91,30 +88,10 @@ class ShardReader:
             os.close(fd)
         self.bytes_read += f.bytes
         if h is not None:
-            if h.hexdigest() != f.sha256:
-                raise ShardChecksumError(
-                    f"{f.path}: sha256 {h.hexdigest()[:16]}... does not match the manifest's {f.sha256[:16]}...")
+            check_sha256(f.path, h.hexdigest(), f.sha256)
             self.verified.add(str(f.path))
         view.release()
-        return parse_safetensors(torch.frombuffer(region, dtype=torch.uint8, count=f.bytes), str(f.path))
-
-
-def parse_safetensors(buf: torch.Tensor, name: str = "<buffer>") -> dict[str, torch.Tensor]:
-    """Tensors as views into a uint8 buffer holding a whole safetensors file (copies only if misaligned)."""
-    (hlen,) = struct.unpack("<Q", bytes(buf[:8].numpy()))
-    header = json.loads(bytes(buf[8: 8 + hlen].numpy()))
-    base = 8 + hlen
-    out: dict[str, torch.Tensor] = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _DTYPES[meta["dtype"]]
-        b, e = meta["data_offsets"]
-        raw = buf[base + b: base + e]
-        if (base + b) % dtype.itemsize:
-            raw = raw.clone()  # safetensors aligns by dtype order, so this is rare
-        out[key] = raw.view(dtype).reshape(meta["shape"])
-    return out
+        return parse_buffer(torch.frombuffer(region, dtype=torch.uint8, count=f.bytes), f.path)
 
 
 def window_for_budget(memory_bytes: int, block_bytes: int, fixed_bytes: int, blocks: int) -> int:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from edge_node.memory import MemoryBudgetError, ShardReader, SlidingWindow, parse_safetensors, window_for_budget
+from edge_node.memory import MemoryBudgetError, ShardReader, SlidingWindow, window_for_budget
+from edge_node.model.formats import parse_buffer as parse_safetensors
 from edge_node.shard import ShardChecksumError, ShardFile
 
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_node.model import Transformer
+from edge_node.model import Transformer, layout
+from edge_node.model.errors import UsageError
 from edge_node.model.rope import apply_rotary
 
 CHUNK_SIZES = (32, 64, 128, 256)
@@ -72,7 +73,7 @@ def _plain(t: torch.Tensor | None) -> nn.Parameter | None:
 class _Layer(nn.Module):
     """One block's weights in plain (out, in) layout: the runtime may hold them oneDNN-packed."""
 
-    def __init__(self, block):
+    def __init__(self, block, cfg):
         super().__init__()
         att, mlp = block.attn, block.mlp
         self.ln1, self.ln2 = _plain(block.ln1.weight), _plain(block.ln2.weight)
@@ -80,8 +81,9 @@ class _Layer(nn.Module):
         self.wo, self.bo = _plain(att.wo.weight), _plain(att.wo.bias)
         # gate and up as two MatMuls: the up output then feeds the down input's Mul directly, so
         # smoothing (smooth.py) can move down's input scale into up's weight; no Slice copies either.
-        gate_up = mlp.w13.weight.chunk(2, dim=0)  # (2*inter, hidden) -> 2 x (inter, hidden)
-        gate_up_b = mlp.w13.bias.chunk(2) if mlp.w13.bias is not None else (None, None)
+        spec = layout.BY_NAME["w13"]
+        gate_up = layout.unfuse(cfg, spec, mlp.w13.weight)  # (2*inter, hidden) -> 2 x (inter, hidden)
+        gate_up_b = layout.unfuse(cfg, spec, mlp.w13.bias) if mlp.w13.bias is not None else (None, None)
         self.w1, self.w3 = (_plain(w.contiguous()) for w in gate_up)
         self.b1, self.b3 = (_plain(b) for b in gate_up_b)
         self.w2, self.b2 = _plain(mlp.w2.weight), _plain(mlp.w2.bias)
@@ -122,7 +124,7 @@ class ChunkGraph(nn.Module):
         self.start, self.end, self.windows, self.all_logits = start, end, windows, all_logits
         self.first, self.last = start == 0, end == cfg.num_layers
         self.eps = cfg.rms_norm_eps
-        self.layers = nn.ModuleList(_Layer(model.blocks[str(i)]) for i in range(start, end))
+        self.layers = nn.ModuleList(_Layer(model.blocks[str(i)], cfg) for i in range(start, end))
         self.embed = _plain(model.embed) if self.first else None
         self.norm = _plain(model.norm.weight) if self.last else None
         self.head = _plain(model.lm_head) if self.last else None  # (vocab, hidden)
@@ -218,11 +220,11 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
     all_logits: the last group returns every row's logits (for evaluation) instead of one row's.
     """
     if chunk not in CHUNK_SIZES:
-        raise ValueError(f"chunk {chunk} is not one of the supported sizes {CHUNK_SIZES}")
+        raise UsageError(f"chunk {chunk} is not one of the supported sizes {CHUNK_SIZES}")
     if model.embed is None or model.lm_head is None or model.layer_ids != list(range(model.config.num_layers)):
-        raise ValueError("export needs the whole model (embeddings, every layer, head)")
+        raise UsageError("export needs the whole model (embeddings, every layer, head)")
     if context % chunk or context < chunk:
-        raise ValueError(f"context {context} must be a positive multiple of the chunk {chunk}")
+        raise UsageError(f"context {context} must be a positive multiple of the chunk {chunk}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config

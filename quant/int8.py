@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_node.model.layout import LinearSpec
+from edge_node.model.model import Linear
+
 _QMAX = 127
 
 
@@ -83,3 +86,13 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, -1)  # (..., out)
+
+
+def make_linear(weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> nn.Module:
+    """Int8Linear for an int8 weight with its scales, else the float Linear."""
+    return Linear(weight, bias) if scale is None else Int8Linear(weight, scale, bias)
+
+
+def linear_factory(spec: LinearSpec, t: dict[str, torch.Tensor | None]) -> nn.Module:
+    """A build_block linear factory for shard tensors: int8 where the file holds '<name>.scale'."""
+    return make_linear(t[spec.name], t.get(spec.name + ".scale"), t.get(spec.bias))

@@ -7,41 +7,22 @@ before a single weight is read; weights are then read one tensor at a time and f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .errors import MissingTensorError, TensorShapeError, UnexpectedTensorError
-from .model import MLP, Attention, Block, Linear, RMSNorm, Transformer
+from .errors import MissingTensorError, TensorShapeError, UnexpectedTensorError, UsageError
+from .layout import LINEARS, LinearSpec, Range, expected_shapes, full_units, fuse_layer, head_counts
+from .model import MLP, Attention, Block, Linear, NoAttention, RMSNorm, Transformer
+
+LinearFactory = Callable[[LinearSpec, dict], nn.Module]
+__all__ = ["LinearFactory", "build_block", "dense_linear", "expected_shapes", "fuse_layer", "load_model", "validate"]
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # stored by some old checkpoints, recomputed here
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF Llama-family checkpoint holds, with its shape, from the config alone."""
-    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for n in range(cfg.num_layers):
-        p = f"model.layers.{n}."
-        layer = {
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-            "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
-        }
-        if cfg.qkv_bias:
-            layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
-        if cfg.o_bias:
-            layer["self_attn.o_proj.bias"] = (h,)
-        if cfg.mlp_bias:
-            layer |= {"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)}
-        shapes |= {p + k: v for k, v in layer.items()}
-    return shapes
 
 
 def validate(ckpt: Checkpoint, cfg: ModelConfig) -> None:
@@ -69,32 +50,26 @@ def _names(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def fuse_layer(get, cfg: ModelConfig, index: int) -> dict[str, torch.Tensor | None]:
-    """One layer's tensors in runtime form: wqkv = [q; k; v], w13 = [gate; up]; biases likewise."""
-    p = f"model.layers.{index}."
-    a, m = p + "self_attn.", p + "mlp."
-    out = {
-        "ln1": get(p + "input_layernorm.weight"),
-        "ln2": get(p + "post_attention_layernorm.weight"),
-        "wqkv": torch.cat([get(a + f"{x}_proj.weight") for x in "qkv"]),
-        "wo": get(a + "o_proj.weight"),
-        "w13": torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]),
-        "w2": get(m + "down_proj.weight"),
-        "bqkv": torch.cat([get(a + f"{x}_proj.bias") for x in "qkv"]) if cfg.qkv_bias else None,
-        "bo": get(a + "o_proj.bias") if cfg.o_bias else None,
-        "b13": torch.cat([get(m + "gate_proj.bias"), get(m + "up_proj.bias")]) if cfg.mlp_bias else None,
-        "b2": get(m + "down_proj.bias") if cfg.mlp_bias else None,
-    }
-    return out
+def dense_linear(spec: LinearSpec, t: dict[str, torch.Tensor | None]) -> nn.Module:
+    """The plain float Linear for `spec` (the default linear factory)."""
+    return Linear(t[spec.name], t.get(spec.bias))
 
 
-def build_block(cfg: ModelConfig, index: int, t: dict[str, torch.Tensor | None]) -> Block:
-    """A Block from runtime-form tensors; head counts come from the shapes, so a rank's slice works too."""
-    d = cfg.head_dim
-    heads = t["wo"].shape[1] // d
-    kv_heads = (t["wqkv"].shape[0] - heads * d) // (2 * d)
-    attn = Attention(Linear(t["wqkv"], t["bqkv"]), Linear(t["wo"], t["bo"]), heads, kv_heads, d)
-    mlp = MLP(Linear(t["w13"], t["b13"]), Linear(t["w2"], t["b2"]))
+def build_block(cfg: ModelConfig, index: int, t: dict[str, torch.Tensor | None],
+                units: dict[str, Range] | None = None, linear: LinearFactory = dense_linear) -> Block:
+    """A Block from runtime-form tensors holding the unit ranges `units` (default: the whole layer).
+
+    `linear(spec, tensors)` makes each linear (float, int8, with an adapter...): blocks are built with
+    the linear type they need, never patched afterwards. A slice with no KV heads (more tensor-parallel
+    ranks than KV heads) gets NoAttention.
+    """
+    heads, kv_heads = head_counts(cfg, units or full_units(cfg))
+    mods = {spec.name: linear(spec, t) for spec in LINEARS if kv_heads or spec.owner != "attn"}
+    if kv_heads:
+        attn = Attention(mods["wqkv"], mods["wo"], heads, kv_heads, cfg.head_dim)
+    else:
+        attn = NoAttention(cfg.hidden_size, cfg.head_dim, t.get("bo"))
+    mlp = MLP(mods["w13"], mods["w2"])
     eps = cfg.rms_norm_eps
     return Block(index, RMSNorm(t["ln1"], eps), attn, RMSNorm(t["ln2"], eps), mlp, cfg.window_for_layer(index))
 
@@ -108,7 +83,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, start:
     cfg = ModelConfig.from_dir(model_dir)
     end = cfg.num_layers if end is None else end
     if not 0 <= start < end <= cfg.num_layers:
-        raise ValueError(f"layer range [{start}, {end}) is outside the model's [0, {cfg.num_layers})")
+        raise UsageError(f"layer range [{start}, {end}) is outside the model's [0, {cfg.num_layers})")
     embed = start == 0 if embed is None else embed
     head = end == cfg.num_layers if head is None else head
     ckpt = Checkpoint(model_dir)

@@ -110,6 +110,20 @@ def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return y.reshape(b, h, 1, d)
 
 
+class NoAttention(nn.Module):
+    """The attention of a slice with no heads (more tensor-parallel ranks than KV heads): its partial
+    o_proj output is zero (plus o_proj's bias where the slice holds it); it still joins the allreduce."""
+
+    def __init__(self, hidden: int, head_dim: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, 0, 0, head_dim
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, *_) -> torch.Tensor:
+        y = x.new_zeros(*x.shape[:-1], self.hidden)  # (B, S, hidden)
+        return y if self.bias is None else y + self.bias
+
+
 class MLP(nn.Module):
     def __init__(self, w13: Linear, w2: Linear):
         super().__init__()
@@ -132,6 +146,15 @@ class Block(nn.Module):
         return h + reduce(self.mlp(self.ln2(h)))
 
 
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The one causal rule: a query at position q sees a key at position k iff k <= q (and q - k < window).
+
+    Broadcasts: q_pos (S, 1) against k_pos (1, T) gives the (S, T) boolean mask.
+    """
+    allowed = k_pos <= q_pos
+    return allowed if window is None else allowed & (q_pos - k_pos < window)
+
+
 def attention_masks(pos0: int, s: int, windows: Iterable[int | None]) -> dict[int | None, torch.Tensor | None]:
     """Boolean masks (S, T) by sliding window (None = full causal); None where SDPA's own causal flag fits."""
     t = pos0 + s
@@ -142,10 +165,7 @@ def attention_masks(pos0: int, s: int, windows: Iterable[int | None]) -> dict[in
         if w is None and (s == 1 or pos0 == 0):
             masks[w] = None  # decode sees everything; a fresh prefill is plain causal
             continue
-        allowed = k_pos <= q_pos
-        if w is not None:
-            allowed = allowed & (q_pos - k_pos < w)
-        masks[w] = allowed
+        masks[w] = visible(q_pos, k_pos, w)
     return masks
 
 

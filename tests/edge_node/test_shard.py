@@ -10,7 +10,7 @@ import torch
 from edge_node.memory import ShardReader
 from edge_node.model import ModelConfig
 from edge_node.model.checkpoint import Checkpoint
-from edge_node.model.load import fuse_layer
+from edge_node.model.layout import fuse_layer
 from edge_node.shard import Manifest, ShardError, make_plan, slice_layer, split_by_ratio, write_shards
 from tests.checkpoints import make_checkpoint
 
@@ -142,7 +142,7 @@ def test_sharding_peak_memory_does_not_grow_with_depth(tmp_path):
     for layers in (6, 24):
         make_checkpoint(tmp_path / f"m{layers}", num_hidden_layers=layers, **width)
         for weights in ("float32", "int8"):
-            r = subprocess.run([sys.executable, "-m", "edge_node.cli", "shard", "--model", str(tmp_path / f"m{layers}"),
+            r = subprocess.run([sys.executable, "-m", "edgefed", "shard", "--model", str(tmp_path / f"m{layers}"),
                                 "--nodes", "2", "--weights", weights, "--out", str(tmp_path / f"s{layers}{weights}"),
                                 "--json"], capture_output=True, text=True, check=True)
             peaks[layers, weights] = json.loads(r.stdout)["peak_rss_mb"]

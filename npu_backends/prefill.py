@@ -20,6 +20,7 @@ import torch
 
 from edge_node.model import KVCache, PromptError, Transformer
 from edge_node.model.generate import check_prompt
+from edge_node.model.model import visible
 
 from .export import GraphSpec, _mask_name, load_specs
 from .providers import make_session, used_provider
@@ -57,17 +58,13 @@ class PrefillResult:
 
 
 def chunk_mask(pos0: int, n: int, context: int, window: int | None) -> np.ndarray:
-    """Additive mask (1, 1, N, C+N): past slot j is visible if j < pos0, own slot j if j <= i."""
-    q = pos0 + np.arange(n)[:, None]  # (N, 1) query positions
-    past = np.arange(context)[None, :]  # (1, C) past slots hold positions 0..C-1
-    own = pos0 + np.arange(n)[None, :]  # (1, N)
-    ok_past = np.broadcast_to(past < pos0, (n, context))
-    ok_own = own <= q
-    if window is not None:
-        ok_past = ok_past & (q - past < window)
-        ok_own = ok_own & (q - own < window)
-    ok = np.concatenate([ok_past, ok_own], axis=1)  # (N, C+N)
-    return np.where(ok, 0.0, NEG).astype(np.float32)[None, None]
+    """Additive mask (1, 1, N, C+N) over C past slots (slot j holds position j, written only if j < pos0)
+    then the chunk's own N positions, by the model's one causal rule (`visible`)."""
+    q = torch.arange(pos0, pos0 + n)[:, None]  # (N, 1) query positions
+    keys = torch.cat([torch.arange(context), torch.arange(pos0, pos0 + n)])[None, :]  # (1, C+N) their positions
+    written = torch.cat([torch.arange(context) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
+    ok = visible(q, keys, window) & written  # (N, C+N)
+    return np.where(ok.numpy(), 0.0, NEG).astype(np.float32)[None, None]
 
 
 class ChunkedPrefill:
@@ -165,17 +162,23 @@ class ChunkedPrefill:
         return logits, times
 
 
-def to_kv_cache(kv: HostKV, model: Transformer, cache: KVCache | None = None,
-                kv_heads: slice | None = None) -> KVCache:
-    """Copy the host cache into an edge_node KVCache for the layers `model` holds.
+def kv_heads_of(kv: HostKV, layer: int, heads: tuple[int, int] | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one KV-head scatter: layer `layer`'s K and V for KV heads [a, b) (all when None) over the
+    prompt's positions, each (1, b - a, length, D), contiguous and ready to send or store."""
+    a, b = heads if heads is not None else (0, kv.k[layer].shape[1])
+    k = torch.from_numpy(np.ascontiguousarray(kv.k[layer][:, a:b, : kv.length])).to(dtype)
+    v = torch.from_numpy(np.ascontiguousarray(kv.v[layer][:, a:b, : kv.length])).to(dtype)
+    return k, v
 
-    A tensor-parallel rank passes its KV-head slice (`kv_heads`), so it keeps only its heads.
-    """
+
+def to_kv_cache(kv: HostKV, model: Transformer, cache: KVCache | None = None,
+                kv_heads: tuple[int, int] | None = None) -> KVCache:
+    """Copy the host cache into an edge_node KVCache for the layers `model` holds (KV heads [a, b) only
+    when `kv_heads` is given, as a tensor-parallel rank keeps just its own)."""
     cache = cache if cache is not None else model.new_cache()
-    heads = kv_heads or slice(None)
     for i in model.layer_ids:
-        k = torch.from_numpy(kv.k[i][:, heads, : kv.length]).to(model.dtype)  # (1, Hkv_rank, T, D)
-        v = torch.from_numpy(kv.v[i][:, heads, : kv.length]).to(model.dtype)
+        k, v = kv_heads_of(kv, i, kv_heads, model.dtype)  # (1, Hkv_rank, T, D)
         cache.layer(i, k.shape[1], k.shape[3]).update(0, k, v)
     return cache
 

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from .errors import EdgefedError
+
 _STEP = 256  # grow capacity in steps so decode does not reallocate every token
 
 
+class KVPositionError(EdgefedError):
+    """A write into the KV cache at a position other than the layer's current length."""
+
+
 class LayerKV:
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, limit: int):
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, limit: int, index: int = 0):
+        self.index = index
         self.shape = (batch, kv_heads, head_dim)
         self.dtype, self.limit = dtype, limit
         self.k = self.v = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype)
@@ -29,7 +36,15 @@ class LayerKV:
         self.k, self.v = k, v
 
     def update(self, pos0: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, S, D) at [pos0, pos0+S); return all keys/values up to pos0+S."""
+        """Append k, v (B, Hkv, S, D) at [pos0, pos0+S); return all keys/values up to pos0+S.
+
+        pos0 must be the layer's current length: a gap would leave uninitialised slots that later
+        queries attend over, an overlap would silently overwrite what earlier queries saw. Layers may
+        differ in length (deep layers lag behind an early exit), so each checks its own.
+        """
+        if pos0 != self.length:
+            raise KVPositionError(f"KV cache of layer {self.index}: write at position {pos0}, but the layer "
+                                  f"holds {self.length} tokens (writes must append at its length)")
         end = pos0 + k.shape[2]
         self._reserve(end)
         self.k[:, :, pos0:end] = k
@@ -50,13 +65,18 @@ class KVCache:
     def layer(self, index: int, kv_heads: int, head_dim: int) -> LayerKV:
         kv = self.layers.get(index)
         if kv is None:
-            kv = self.layers[index] = LayerKV(self.batch, kv_heads, head_dim, self.dtype, self.limit)
+            kv = self.layers[index] = LayerKV(self.batch, kv_heads, head_dim, self.dtype, self.limit, index)
         return kv
 
+    def length(self, layer: int) -> int:
+        """Tokens layer `layer` holds (0 for a layer never written)."""
+        kv = self.layers.get(layer)
+        return 0 if kv is None else kv.length
+
     @property
-    def length(self) -> int:
-        """Tokens held (by the layers that hold the most)."""
-        return max((kv.length for kv in self.layers.values()), default=0)
+    def lengths(self) -> dict[int, int]:
+        """Each layer's own length: with early exit, deep layers lag behind shallow ones."""
+        return {i: kv.length for i, kv in sorted(self.layers.items())}
 
     def truncate(self, length: int) -> None:
         """Forget everything at positions >= length (the buffers are reused)."""

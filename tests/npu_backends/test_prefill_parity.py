@@ -81,7 +81,7 @@ def test_greedy_decode_after_ort_prefill_equals_pure_torch(llama, graphs):
 def test_kv_handoff_to_a_tensor_parallel_rank_keeps_its_head_slice(llama, graphs):
     prompt = prompt_of(40, seed=1)
     result = ChunkedPrefill(llama, graphs[1]).run(prompt)
-    cache = to_kv_cache(result.kv, llama, kv_heads=slice(1, 2))
+    cache = to_kv_cache(result.kv, llama, kv_heads=(1, 2))
     _, full = torch_prefill(llama, prompt)
     for i in llama.layer_ids:
         assert cache.layers[i].k.shape[1] == 1 and cache.layers[i].length == 40

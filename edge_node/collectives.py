@@ -15,7 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from edge_node.model.errors import EdgefedError
+from edge_node.model.errors import EdgefedError, UsageError
+from edge_node.protocol import FRAME_BYTES, Message, decode, to_frame
 
 ALLREDUCE = ("star", "gloo")
 
@@ -34,7 +35,7 @@ class Comm:
 
     def __init__(self, rank: int, world: int, master: str, timeout_s: float = 60.0, allreduce: str = "star"):
         if allreduce not in ALLREDUCE:
-            raise ValueError(f"--allreduce must be one of {', '.join(ALLREDUCE)}, got {allreduce!r}")
+            raise UsageError(f"--allreduce must be one of {', '.join(ALLREDUCE)}, got {allreduce!r}")
         self.rank, self.world, self.mode = rank, world, allreduce
         self.timeout = timedelta(seconds=timeout_s)
         self.comm_s = 0.0
@@ -103,13 +104,26 @@ class Comm:
         self.comm_s += time.perf_counter() - t0
         return x
 
-    def gather(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+    def gather(self, x: torch.Tensor, what: str = "gather") -> list[torch.Tensor] | None:
         """Every rank's x at rank 0 (None elsewhere)."""
         if self.world == 1:
             return [x]
         out = [torch.empty_like(x) for _ in range(self.world)] if self.rank == 0 else None
-        self._wait(dist.gather(x, out, dst=0, async_op=True), "gather")
+        self._wait(dist.gather(x, out, dst=0, async_op=True), what)
         return out
+
+    def broadcast_message(self, msg: Message | None, what: str) -> Message:
+        """Rank 0's control message (as one fixed-size frame), on every rank; the others pass None."""
+        frame = to_frame(msg) if self.rank == 0 else bytes(FRAME_BYTES)
+        buf = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+        return decode(self.broadcast(buf, what).numpy().tobytes())
+
+    def gather_message(self, msg: Message, what: str) -> list[Message] | None:
+        """Every rank's message at rank 0, in rank order (None elsewhere)."""
+        if self.world == 1:
+            return [msg]
+        frames = self.gather(torch.frombuffer(bytearray(to_frame(msg)), dtype=torch.uint8), what)
+        return None if frames is None else [decode(f.numpy().tobytes()) for f in frames]
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():

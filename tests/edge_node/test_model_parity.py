@@ -70,10 +70,16 @@ def test_repetition_penalty_greedy_tokens_identical_to_transformers_generate(tmp
         assert got != plain, penalty  # the penalty really changed the output on this model
 
 
-def test_sharded_checkpoint_has_an_index(tmp_path):
-    make_checkpoint(tmp_path, max_shard_size="100KB")
-    assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+def test_a_checkpoint_split_over_files_loads_the_same_model_as_one_file(tmp_path):
+    """edgefed follows model.safetensors.index.json across the files; also guards the sharded variant above
+    against passing only because the checkpoint was never really split."""
+    make_checkpoint(tmp_path / "one")
+    make_checkpoint(tmp_path / "many", max_shard_size="100KB")  # the same seed: the same weights
+    assert (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "many").glob("model-*.safetensors"))) > 1
+    ids = prompt()
+    one, many = load_model(tmp_path / "one"), load_model(tmp_path / "many")
+    assert torch.equal(many(ids, many.new_cache()), one(ids, one.new_cache()))
 
 
 def test_sliding_window_changes_logits_beyond_the_window(tmp_path):

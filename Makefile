@@ -40,9 +40,14 @@ test-fast: install-test
 bench: install-test
 	$(PY) benchmarks/bench_decode.py
 
-lint: install
-	$(PIP) install ruff==0.17.6
+# ruff, then the package dependency direction (import-linter contracts in pyproject.toml).
+$(VENV)/.installed-lint: $(VENV)/.installed
+	$(PIP) install ruff==0.17.6 import-linter==2.17
+	@touch $@
+
+lint: $(VENV)/.installed-lint
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,51 +1,38 @@
 """Tensor-parallel generation over shards: one rank's process, fed by the sliding-window scheduler.
 
-Rank 0 holds the embeddings and the head: each step it broadcasts a header (token count, position) and
-the embedded input, every rank runs its slice of every layer (two allreduces per layer, passed to the
-model as `reduce`), and rank 0 turns the last hidden state into logits and samples with the same
-decode loop as single-node generation. The other ranks serve steps until rank 0 broadcasts "stop".
+Rank 0 holds the embeddings and the head: each step it broadcasts a `Step` message (edge_node.protocol:
+token count, first position, layer range) and the embedded input, every rank runs its slice of those
+layers (two allreduces per layer, passed to the model as `reduce`), and rank 0 turns the last hidden
+state into logits and samples with the same decode loop as single-node generation. The other ranks
+serve messages until rank 0 sends `Stop`, then report `RankStats`. Every rank runs the one RunConfig
+the launcher built.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import psutil
 import torch
 from safetensors import safe_open
 
 from edge_node.collectives import Comm
 from edge_node.memory import ShardReader, SlidingWindow, own_peak_rss_mb, window_for_budget
-from edge_node.model.generate import check_prompt, decode_loop
+from edge_node.model.errors import UsageError
+from edge_node.model.formats import TORCH_NAMES
+from edge_node.model.generate import GenerationResult, check_prompt, decode_loop
+from edge_node.model.generation_config import eos_ids
 from edge_node.model.kv_cache import kv_bytes_per_token
 from edge_node.model.load import build_block
-from edge_node.model.model import Linear, RMSNorm, Transformer
-from edge_node.model.sampling import Sampler, SamplingConfig
-from edge_node.shard import LINEARS, Manifest, ShardError, ShardFile, verify_file
+from edge_node.model.model import RMSNorm, Transformer
+from edge_node.model.sampling import Sampler
+from edge_node.protocol import KVTransfer, ProtocolError, RankStats, Step, Stop
+from edge_node.run_config import RunConfig
+from edge_node.shard import Manifest, ShardError, ShardFile, verify_file
+from quant.int8 import linear_factory, make_linear
 
-if TYPE_CHECKING:
-    from npu_backends.build import PrefillOptions
-
-_STOP, _RUN, _KV = 1, 0, 2  # step header flags; _KV: rank 0 sends the prompt's KV-head slices
 _MARGIN = 48 << 20  # activations, logits and allocator slack on top of blocks and KV cache
-
-
-@dataclass(frozen=True)
-class TPOptions:
-    shards: Path
-    rank: int = 0
-    master: str = "127.0.0.1:29500"
-    window: int | None = None  # blocks resident; None = all (unless memory_mb is set)
-    memory_mb: float | None = None
-    allreduce: str = "star"
-    timeout_s: float = 60.0
-    drop_page_cache: bool = False
-    threads: int | None = None
-    ort_prefill: PrefillOptions | None = None  # rank 0 only: prefill on ONNX Runtime, then scatter the KV
 
 
 @dataclass
@@ -66,64 +53,45 @@ class HeadChunk(torch.nn.Module):
         return self.linear(h)
 
 
-class NoAttention(torch.nn.Module):
-    """A rank with no attention heads (more ranks than KV heads): its partial o_proj output is zero
-    (plus o_proj's bias on rank 0), and it still takes part in the allreduce."""
-
-    def __init__(self, hidden: int, head_dim: int, bias: torch.Tensor | None):
-        super().__init__()
-        self.hidden, self.heads, self.kv_heads, self.head_dim = hidden, 0, 0, head_dim
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor, *_) -> torch.Tensor:
-        y = x.new_zeros(*x.shape[:-1], self.hidden)  # (B, S, hidden)
-        return y if self.bias is None else y + self.bias
-
-
-def _linear(t: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None = None) -> torch.nn.Module:
-    if name + ".scale" in t:
-        from quant.int8 import Int8Linear
-
-        return Int8Linear(t[name], t[name + ".scale"], bias)
-    return Linear(t[name], bias)
-
-
 class RankEngine:
     """One rank: its shards, window, KV cache and communicator."""
 
-    def __init__(self, opts: TPOptions, comm: Comm, max_tokens: int):
-        self.opts, self.comm, self.rank = opts, comm, opts.rank
-        self.manifest = m = Manifest.load(opts.shards)
+    def __init__(self, run: RunConfig, comm: Comm, max_tokens: int):
+        self.run, self.comm, self.rank = run, comm, comm.rank
+        self.manifest = m = Manifest.load(run.shards)
         if comm.world != m.nodes:
-            raise ShardError(f"{opts.shards} is sharded for {m.nodes} nodes, not {comm.world}")
+            raise ShardError(f"{run.shards} is sharded for {m.nodes} nodes, not {comm.world}")
         self.cfg = m.config
-        self.dtype = torch.bfloat16 if m.weights == "bfloat16" else torch.float32
+        stored = torch.bfloat16 if m.weights == "bfloat16" else torch.float32
+        self.dtype = TORCH_NAMES[run.dtype] if run.dtype else stored
         self.model = Transformer(self.cfg, {}, self.dtype)  # rotary, masks, cache: no blocks of its own
         self.cache = self.model.new_cache()
         files = m.stream_files(self.rank)
         self.layers = len(m.rank_files(self.rank, "layer"))
         self.head_chunks = len(files) - self.layers
-        kv = m.plan.slices[self.rank].kv_heads
-        per_token = kv_bytes_per_token(kv[1] - kv[0], self.cfg.head_dim, self.cfg.num_layers, self.dtype)
+        sl = m.plan.slices[self.rank]
+        self.units = sl.units(self.cfg)
+        per_token = kv_bytes_per_token(sl.kv_heads[1] - sl.kv_heads[0], self.cfg.head_dim, self.cfg.num_layers,
+                                       self.dtype)
         self.kv_bytes = per_token * max_tokens
         self.block_bytes = max(f.bytes for f in files)
         if self.rank == 0:
             self._open_embeddings(m.rank_files(0, "embed")[0])
         w = self._window(len(files))
-        self.window = SlidingWindow(files, self._build, w, ShardReader(opts.drop_page_cache))
+        self.window = SlidingWindow(files, self._build, w, ShardReader(run.drop_page_cache))
         self.times = StepTimes()
         self.prefill = None
-        if opts.ort_prefill is not None:  # graphs exported ahead; the model here is config + rotary only
+        if run.prefill is not None and self.rank == 0:  # graphs exported ahead; the model: config + rotary
             from npu_backends.build import open_prefill_dir
 
-            self.prefill = open_prefill_dir(self.model, opts.ort_prefill)
+            self.prefill = open_prefill_dir(self.model, run.prefill)
         self.prefill_report: dict = {}
 
     def _window(self, blocks: int) -> int | None:
-        if self.opts.memory_mb is None:
-            return self.opts.window
+        if self.run.memory_mb is None:
+            return self.run.window
         fixed = psutil.Process().memory_info().rss + self.kv_bytes + _MARGIN
-        return window_for_budget(int(self.opts.memory_mb * 2**20), self.block_bytes, fixed, blocks)
+        return window_for_budget(int(self.run.memory_mb * 2**20), self.block_bytes, fixed, blocks)
 
     def _open_embeddings(self, f: ShardFile) -> None:
         verify_file(f)  # read by rows, never whole: so hashed once here
@@ -133,17 +101,8 @@ class RankEngine:
 
     def _build(self, f: ShardFile, t: dict[str, torch.Tensor]) -> torch.nn.Module:
         if f.kind == "head":
-            return HeadChunk(f.vocab, _linear(t, "lm_head"))
-        block = build_block(self.cfg, f.layer, {k: t.get(k) for k in
-                                                ("ln1", "ln2", "wqkv", "wo", "w13", "w2", "bqkv", "bo", "b13", "b2")})
-        if "wqkv.scale" in t:  # int8 shards: swap in the int8 matmul (as gpt-fast's quantize does)
-            owners = {"wqkv": block.attn, "wo": block.attn, "w13": block.mlp, "w2": block.mlp}
-            bias = {"wqkv": "bqkv", "wo": "bo", "w13": "b13", "w2": "b2"}
-            for name in LINEARS:
-                setattr(owners[name], name, _linear(t, name, t.get(bias[name])))
-        if t["wo"].shape[1] == 0:
-            block.attn = NoAttention(self.cfg.hidden_size, self.cfg.head_dim, t.get("bo"))
-        return block
+            return HeadChunk(f.vocab, make_linear(t["lm_head"], t.get("lm_head.scale")))
+        return build_block(self.cfg, f.layer, t, self.units, linear_factory)
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         emb = self._embed.get_slice("embed")
@@ -153,33 +112,39 @@ class RankEngine:
             rows = rows.float() * torch.cat([scales[i: i + 1] for i in ids])[:, None]
         return rows.to(self.dtype)[None]  # (1, S, hidden)
 
-    def _run_layers(self, h: torch.Tensor, pos0: int) -> torch.Tensor:
-        return self.model.run_blocks(h, self.window.stream(self.layers), self.cache, pos0, self.comm.allreduce)
+    def _run_layers(self, h: torch.Tensor, msg: Step) -> torch.Tensor:
+        if msg.layers != (0, self.cfg.num_layers):  # the window streams every layer in order, cyclically
+            raise ProtocolError(f"rank {self.rank}: asked to run layers {list(msg.layers)}; this engine runs "
+                                f"all {self.cfg.num_layers} layers per step")
+        return self.model.run_blocks(h, self.window.stream(self.layers), self.cache, msg.pos0, self.comm.allreduce)
 
     @torch.inference_mode()
-    def step(self, ids: list[int], pos0: int) -> torch.Tensor:
-        """Rank 0: run ids at [pos0, ...) across all ranks; last-position logits (vocab,)."""
+    def step(self, ids: list[int], pos0: int, all_logits: bool = False) -> torch.Tensor:
+        """Rank 0: run ids at [pos0, ...) across all ranks; last-position logits (vocab,), or every
+        position's (S, vocab) with all_logits."""
         t0, c0, w0 = time.perf_counter(), self.comm.comm_s, self.window.io_wait_s
-        self.comm.broadcast(torch.tensor([len(ids), pos0, _RUN]), "step header")
+        msg = Step(tokens=len(ids), pos0=pos0, layers=(0, self.cfg.num_layers), all_logits=all_logits)
+        self.comm.broadcast_message(msg, "step")
         h = self.comm.broadcast(self.embed(ids).float(), "input hidden states").to(self.dtype)
-        h = self._run_layers(h, pos0)
-        hl = self.norm(h[:, -1:])  # (1, 1, hidden)
+        h = self._run_layers(h, msg)
+        hl = self.norm(h if all_logits else h[:, -1:])  # (1, S or 1, hidden)
         logits = torch.cat([chunk(hl) for chunk in self.window.stream(self.head_chunks)], dim=-1)
         self._record(t0, c0, w0)
-        return logits[0, -1].float()
+        return logits[0].float() if all_logits else logits[0, -1].float()
 
     @torch.inference_mode()
     def prefill_ort(self, ids: list[int]) -> torch.Tensor:
         """Rank 0: the whole prompt through the ONNX Runtime graphs, every rank handed its KV slice."""
+        from npu_backends.prefill import kv_heads_of
+
         t0, c0, w0 = time.perf_counter(), self.comm.comm_s, self.window.io_wait_s
         r = self.prefill.run(ids)
         n = r.kv.length
-        self.comm.broadcast(torch.tensor([n, 0, _KV]), "step header")
+        self.comm.broadcast_message(KVTransfer(length=n, layers=(0, self.cfg.num_layers)), "KV transfer")
         for rank, sl in enumerate(self.manifest.plan.slices):
             a, b = sl.kv_heads
             for i in range(self.cfg.num_layers) if a < b else ():
-                k = torch.from_numpy(np.ascontiguousarray(r.kv.k[i][:, a:b, :n]))  # (1, Hkv_rank, n, D)
-                v = torch.from_numpy(np.ascontiguousarray(r.kv.v[i][:, a:b, :n]))
+                k, v = kv_heads_of(r.kv, i, (a, b))  # (1, Hkv_rank, n, D)
                 if rank == 0:
                     self._store_kv(i, k, v)
                 else:
@@ -190,9 +155,10 @@ class RankEngine:
                                "prefill_ms": round(r.seconds * 1e3, 3)}
         return torch.from_numpy(r.logits).float()
 
-    def _receive_kv(self, n: int) -> None:
+    def _receive_kv(self, msg: KVTransfer) -> None:
         a, b = self.manifest.plan.slices[self.rank].kv_heads
-        for i in range(self.cfg.num_layers) if a < b else ():
+        n = msg.length
+        for i in range(*msg.layers) if a < b else ():
             k = self.comm.recv(torch.empty(1, b - a, n, self.cfg.head_dim), 0, f"prefill K of layer {i}")
             v = self.comm.recv(torch.empty(1, b - a, n, self.cfg.head_dim), 0, f"prefill V of layer {i}")
             self._store_kv(i, k, v)
@@ -218,52 +184,56 @@ class RankEngine:
 
     @torch.inference_mode()
     def serve(self) -> None:
-        """Ranks > 0: run steps until rank 0 says stop."""
+        """Ranks > 0: run what rank 0 asks until it says stop."""
         while True:
-            header = self.comm.broadcast(torch.zeros(3, dtype=torch.long), "step header (waiting for rank 0)")
-            n, pos0, flag = header.tolist()
-            if flag == _STOP:
+            msg = self.comm.broadcast_message(None, "next message (waiting for rank 0)")
+            if isinstance(msg, Stop):
                 return
-            if flag == _KV:
-                self._receive_kv(n)
+            if isinstance(msg, KVTransfer):
+                self._receive_kv(msg)
                 continue
+            if not isinstance(msg, Step):
+                raise ProtocolError(f"rank {self.rank}: unexpected {type(msg).__name__} from rank 0")
+            if msg.adapter is not None:
+                raise UsageError(f"rank {self.rank}: adapter {msg.adapter!r} requested; adapters are not built yet")
             t0, c0, w0 = time.perf_counter(), self.comm.comm_s, self.window.io_wait_s
-            h = self.comm.broadcast(torch.empty(1, n, self.cfg.hidden_size), "input hidden states")
-            self._run_layers(h.to(self.dtype), pos0)
+            h = self.comm.broadcast(torch.empty(1, msg.tokens, self.cfg.hidden_size), "input hidden states")
+            self._run_layers(h.to(self.dtype), msg)
             self._record(t0, c0, w0)
 
     def stop(self) -> None:
-        self.comm.broadcast(torch.tensor([0, 0, _STOP]), "stop")
+        self.comm.broadcast_message(Stop(), "stop")
 
-    def stats(self) -> torch.Tensor:
-        """[peak RSS MiB, bytes read, bytes per token pass, window, bytes the block layer read] of this rank."""
+    def stats(self) -> RankStats:
+        """What this rank read and held, and the digest of the configuration it ran."""
         w = self.window
-        per_pass = w.streamed_bytes_per_pass
         disk = psutil.Process().io_counters().read_bytes  # what really came from the device, not page cache
-        return torch.tensor([own_peak_rss_mb(), float(w.reader.bytes_read), float(per_pass), float(w.window),
-                             float(disk)], dtype=torch.float64)
+        return RankStats(rank=self.rank, peak_rss_mb=own_peak_rss_mb(), bytes_read=w.reader.bytes_read,
+                         bytes_per_pass=w.streamed_bytes_per_pass, window=w.window, disk_read_bytes=disk,
+                         config_sha256=self.run.sha256)
 
     def close(self) -> None:
         self.window.close()
 
 
-def run_rank(opts: TPOptions, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-             eos_ids: tuple[int, ...] = (), keep_logits: bool = False, comm: Comm | None = None) -> dict | None:
-    """Run one rank to completion; rank 0 returns the result dict, the others None."""
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    manifest_nodes = Manifest.load(opts.shards).nodes
+def run_rank(run: RunConfig, rank: int = 0, master: str = "127.0.0.1:29500", keep_logits: bool = False,
+             comm: Comm | None = None) -> dict | None:
+    """Run one rank of `run` to completion; rank 0 returns the result dict, the others None."""
+    if run.shards is None:
+        raise UsageError("a tensor-parallel run needs a shard directory")
+    if run.threads:
+        torch.set_num_threads(run.threads)
     own_comm = comm is None
-    comm = comm or Comm(opts.rank, manifest_nodes, opts.master, opts.timeout_s, opts.allreduce)
+    comm = comm or Comm(rank, Manifest.load(run.shards).nodes, master, run.timeout_s, run.allreduce)
     engine = None
     try:
-        engine = RankEngine(opts, comm, len(prompt) + max_new_tokens)
-        if opts.rank != 0:
+        engine = RankEngine(run, comm, len(run.prompt_ids) + run.max_new_tokens)
+        if comm.rank != 0:
             engine.serve()
-            comm.gather(engine.stats())
+            comm.gather_message(engine.stats(), "rank statistics")
             result = None
         else:
-            result = _lead(engine, prompt, max_new_tokens, sampling, eos_ids, keep_logits)
+            result = _lead(engine, keep_logits)
     finally:
         if engine is not None:
             engine.close()
@@ -272,40 +242,59 @@ def run_rank(opts: TPOptions, prompt: list[int], max_new_tokens: int, sampling: 
     return result
 
 
-def _lead(engine: RankEngine, prompt: list[int], max_new: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-          keep_logits: bool) -> dict:
-    cfg = engine.cfg
+def _lead(engine: RankEngine, keep_logits: bool) -> dict:
+    cfg, run = engine.cfg, engine.run
+    prompt = list(run.prompt_ids)
     check_prompt(prompt, cfg.max_position_embeddings, cfg.vocab_size)
     logits: list[torch.Tensor] = []
+    prefill_logits: list[torch.Tensor] = []
 
     def step(ids: list[int], pos0: int) -> torch.Tensor:
-        out = engine.prefill_ort(ids) if pos0 == 0 and engine.prefill else engine.step(ids, pos0)
+        if pos0 == 0 and engine.prefill:
+            out = engine.prefill_ort(ids)
+        elif pos0 == 0 and keep_logits:  # every prompt position's logits, for parity checks
+            rows = engine.step(ids, pos0, all_logits=True)
+            prefill_logits.append(rows)
+            out = rows[-1]
+        else:
+            out = engine.step(ids, pos0)
         if keep_logits:
             logits.append(out.clone())
         return out
 
     try:
-        result = decode_loop(step, prompt, max_new, Sampler(sampling), eos_ids, cfg.max_position_embeddings)
+        result = decode_loop(step, prompt, run.max_new_tokens, Sampler(run.sampling), eos_ids(run.shards, cfg),
+                             cfg.max_position_embeddings, logprobs=run.logprobs)
     finally:
         engine.stop()
-    stats = torch.stack(engine.comm.gather(engine.stats()))  # (ranks, 5)
+    out = _report(engine, result, engine.comm.gather_message(engine.stats(), "rank statistics"))
+    if keep_logits:
+        out["logits"] = logits
+        out["prefill_logits"] = prefill_logits[0] if prefill_logits else None
+    return out
+
+
+def _report(engine: RankEngine, result: GenerationResult, stats: list[RankStats]) -> dict:
     t = engine.times
     per_token = [{"compute_ms": round(c, 3), "comm_ms": round(m, 3), "io_wait_ms": round(w, 3)}
                  for c, m, w in zip(t.compute_ms, t.comm_ms, t.io_wait_ms, strict=True)]
     decode = per_token[1:] or per_token
     out = {
         "token_ids": result.token_ids, "ttft_ms": round(result.ttft_ms, 3), "tpot_ms": round(result.tpot_ms, 3),
-        "peak_rss_mb": round(float(stats[0, 0]), 1), "stop_reason": result.stop_reason,
+        "peak_rss_mb": round(stats[0].peak_rss_mb, 1), "stop_reason": result.stop_reason,
         "nodes": engine.comm.world, "allreduce": engine.comm.mode, "weights": engine.manifest.weights,
-        "per_rank_peak_rss_mb": [round(float(x), 1) for x in stats[:, 0]],
-        "per_rank_window": [int(x) for x in stats[:, 3]],
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "per_rank_peak_rss_mb": [round(s.peak_rss_mb, 1) for s in stats],
+        "per_rank_window": [s.window for s in stats],
+        "per_rank_config_sha256": [s.config_sha256 for s in stats],
         "pinned_blocks": engine.window.pinned,
         "block_mb": round(engine.block_bytes / 2**20, 2), "kv_cache_mb": round(engine.kv_bytes / 2**20, 3),
-        "bytes_read_per_token": int(stats[:, 2].sum()), "bytes_read_total": int(stats[:, 1].sum()),
-        "disk_read_bytes_total": int(stats[:, 4].sum()),
+        "bytes_read_per_token": sum(s.bytes_per_pass for s in stats),
+        "bytes_read_total": sum(s.bytes_read for s in stats),
+        "disk_read_bytes_total": sum(s.disk_read_bytes for s in stats),
         "per_token": per_token, **engine.prefill_report,
         "per_token_mean": {k: round(sum(d[k] for d in decode) / len(decode), 3) for k in decode[0]} if decode else {},
     }
-    if keep_logits:
-        out["logits"] = logits
+    if engine.run.logprobs:
+        out["logprobs"] = result.logprobs
     return out

@@ -13,7 +13,6 @@ chunks no bigger than a layer file, so the head streams through the same window 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -22,15 +21,27 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from edge_node.model import layout
 from edge_node.model.checkpoint import Checkpoint
 from edge_node.model.config import ModelConfig
 from edge_node.model.errors import CheckpointError, EdgefedError
-from edge_node.model.load import fuse_layer, validate
+from edge_node.model.formats import (
+    ST_NAMES,
+    TORCH_NAMES,
+    ChecksumError,
+    sha256_file,
+    torch_name,
+    verify_sha256,
+    write_streaming,
+    write_tensors,
+)
+from edge_node.model.layout import fuse_layer
+from edge_node.model.load import validate
 
 FORMAT = "edgefed-tp-shards/1"
 MANIFEST = "manifest.json"
 WEIGHTS = ("float32", "bfloat16", "int8")
-LINEARS = ("wqkv", "wo", "w13", "w2")  # the matrices int8 mode quantizes (norms and biases stay float32)
+QUANTIZED = tuple(s.name for s in layout.LINEARS if s.quantize)  # int8 mode's matrices; norms and biases stay float32
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json")
 
@@ -39,8 +50,7 @@ class ShardError(EdgefedError):
     """A shard plan cannot be made, or a shard directory is incomplete."""
 
 
-class ShardChecksumError(ShardError):
-    """A shard file's sha256 differs from the manifest's."""
+ShardChecksumError = ChecksumError  # a shard file's sha256 differs from the manifest's
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,10 @@ class RankSlice:
     rank: int
     kv_heads: tuple[int, int]  # half-open range of KV heads
     mlp: tuple[int, int]  # half-open range of intermediate columns
+
+    def units(self, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+        """This rank's range of every layout unit (see edge_node.model.layout)."""
+        return layout.rank_units(cfg, self.kv_heads, self.mlp)
 
 
 @dataclass(frozen=True)
@@ -110,28 +124,8 @@ def make_plan(cfg: ModelConfig, nodes: int, ratios: list[float] | None = None) -
 
 
 def slice_layer(t: dict[str, torch.Tensor | None], cfg: ModelConfig, s: RankSlice) -> dict[str, torch.Tensor]:
-    """A rank's part of one layer in runtime form (fused tensors from load.fuse_layer)."""
-    d, g, inter = cfg.head_dim, cfg.kv_groups, cfg.intermediate_size
-    q_all, kv_all = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    (a, b), (c0, c1) = s.kv_heads, s.mlp
-    q_rows = slice(a * g * d, b * g * d)
-    k_rows, v_rows = slice(q_all + a * d, q_all + b * d), slice(q_all + kv_all + a * d, q_all + kv_all + b * d)
-
-    def qkv(x: torch.Tensor) -> torch.Tensor:  # rows [q; k; v] -> this rank's [q; k; v]
-        return torch.cat([x[q_rows], x[k_rows], x[v_rows]])
-
-    def gate_up(x: torch.Tensor) -> torch.Tensor:  # rows [gate; up] -> this rank's [gate; up]
-        return torch.cat([x[c0:c1], x[inter + c0: inter + c1]])
-
-    out = {"ln1": t["ln1"], "ln2": t["ln2"], "wqkv": qkv(t["wqkv"]), "wo": t["wo"][:, q_rows],
-           "w13": gate_up(t["w13"]), "w2": t["w2"][:, c0:c1]}
-    if t["bqkv"] is not None:
-        out["bqkv"] = qkv(t["bqkv"])
-    if t["b13"] is not None:
-        out["b13"] = gate_up(t["b13"])
-    if s.rank == 0:  # added once, after the sum over ranks
-        out |= {k: t[k] for k in ("bo", "b2") if t[k] is not None}
-    return {k: v.contiguous() for k, v in out.items()}
+    """A rank's part of one layer in runtime form (fused tensors from layout.fuse_layer)."""
+    return layout.slice_layer(t, cfg, s.units(cfg), s.rank)
 
 
 def encode(tensors: dict[str, torch.Tensor], weights: str, quantized: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -149,31 +143,24 @@ def encode(tensors: dict[str, torch.Tensor], weights: str, quantized: tuple[str,
     return out
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _Writer:
     def __init__(self, out: Path):
         self.out, self.files = out, []
 
     def write(self, rel: str, rank: int, kind: str, tensors: dict[str, torch.Tensor], **extra) -> int:
-        # int8 matrices first, then wider types: with a 64-byte aligned data start, the int8 weights land
-        # on 64-byte boundaries in a read buffer (the int8 kernel needs that) and float tensors stay aligned.
-        order = sorted(tensors, key=lambda n: (tensors[n].element_size() != 1, -tensors[n].element_size(), n))
-        entries = [(n, _ST_NAMES[tensors[n].dtype], tuple(tensors[n].shape), lambda x=tensors[n]: [x]) for n in order]
-        return self.write_streaming(rel, rank, kind, entries, **extra)
+        return self._record(rel, rank, kind, write_tensors(self._path(rel), tensors), extra)
 
     def write_streaming(self, rel: str, rank: int, kind: str, entries, **extra) -> int:
+        return self._record(rel, rank, kind, write_streaming(self._path(rel), entries), extra)
+
+    def _path(self, rel: str) -> Path:
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = write_safetensors_streaming(path, entries)
-        dtypes = {"F32": "float32", "BF16": "bfloat16", "I8": "int8"}
-        meta = {n: {"shape": h["shape"], "dtype": dtypes[h["dtype"]]} for n, h in header.items()}
+        return path
+
+    def _record(self, rel: str, rank: int, kind: str, header: dict, extra: dict) -> int:
+        path = self.out / rel
+        meta = {n: {"shape": h["shape"], "dtype": torch_name(h["dtype"])} for n, h in header.items()}
         size = path.stat().st_size
         self.files.append({"path": rel, "rank": rank, "kind": kind, **extra, "tensors": meta, "bytes": size,
                            "sha256": sha256_file(path)})
@@ -200,7 +187,7 @@ def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios:
     for i in range(cfg.num_layers):
         fused = fuse_layer(get, cfg, i)  # one layer in RAM at a time
         for s in plan.slices:
-            part = encode(slice_layer(fused, cfg, s), weights, LINEARS)
+            part = encode(slice_layer(fused, cfg, s), weights, QUANTIZED)
             size = w.write(f"rank{s.rank}/layer{i:04d}.safetensors", s.rank, "layer", part, layers=[i, i + 1])
             biggest = max(biggest, size) if s.rank == 0 else biggest
         del fused
@@ -225,7 +212,7 @@ def _write_rank0_extras(w: _Writer, ckpt: Checkpoint, cfg: ModelConfig, weights:
     The (vocab, hidden) tables are the only tensors bigger than a layer: they are read and written in
     row chunks, so the sharder never holds more than about one layer.
     """
-    row_bytes = cfg.hidden_size * {"float32": 4, "bfloat16": 2, "int8": 1}[weights]
+    row_bytes = cfg.hidden_size * TORCH_NAMES[weights].itemsize
     rows = max(1, min(cfg.vocab_size, chunk_bytes // row_bytes))
     chunks = [(v0, min(cfg.vocab_size, v0 + rows)) for v0 in range(0, cfg.vocab_size, rows)]
     embed_name = "model.embed_tokens.weight"
@@ -240,7 +227,7 @@ def _write_rank0_extras(w: _Writer, ckpt: Checkpoint, cfg: ModelConfig, weights:
                 scales.append(part["embed.scale"])
             yield part["embed"]
 
-    dtype = {"float32": "F32", "bfloat16": "BF16", "int8": "I8"}[weights]
+    dtype = ST_NAMES[TORCH_NAMES[weights]]
     entries = [("embed", dtype, (cfg.vocab_size, cfg.hidden_size), embed_parts)]
     if weights == "int8":
         entries.append(("embed.scale", "F32", (cfg.vocab_size,), lambda: [torch.cat(scales)]))
@@ -255,38 +242,6 @@ def _rows(ckpt: Checkpoint, name: str, v0: int, v1: int) -> torch.Tensor:
     """Rows [v0, v1) of a source tensor as float32, read through a short-lived mapping."""
     with safe_open(str(ckpt.tensors[name].file), framework="pt") as f:
         return f.get_slice(name)[v0:v1].to(torch.float32).contiguous()
-
-
-_ST_BYTES = {"F32": 4, "BF16": 2, "I8": 1}
-_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int8: "I8"}
-
-
-def write_safetensors_streaming(path: Path, entries) -> dict[str, dict]:
-    """A safetensors file whose tensors are written piece by piece: entries = (name, dtype, shape, parts()).
-
-    The header is computed from shapes first, then each tensor's parts (row chunks, in order) are appended.
-    """
-    header, offset = {}, 0
-    for name, dtype, shape, _ in entries:
-        n = _ST_BYTES[dtype]
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 64)  # data starts 64-byte aligned (safetensors pads the header too)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for name, _, _, parts in entries:
-            written = 0
-            for part in parts():
-                data = part.contiguous().view(torch.uint8).numpy().tobytes()
-                f.write(data)
-                written += len(data)
-            begin, end = header[name]["data_offsets"]
-            if written != end - begin:
-                raise ShardError(f"{path}: wrote {written} bytes for {name!r}, expected {end - begin}")
-    return header
 
 
 @dataclass(frozen=True)
@@ -342,6 +297,4 @@ class Manifest:
 
 def verify_file(f: ShardFile) -> None:
     """Hash a whole file once and compare with the manifest (the streamed files verify as they are read)."""
-    got = sha256_file(f.path)
-    if got != f.sha256:
-        raise ShardChecksumError(f"{f.path}: sha256 {got[:16]}... does not match the manifest's {f.sha256[:16]}...")
+    verify_sha256(f.path, f.sha256)

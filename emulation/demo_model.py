@@ -1,6 +1,6 @@
 """Build edgefed's embedded default model: a small Llama trained on the Python standard library.
 
-``edgefed build-demo-model`` (or ``python -m emulation.demo_model``) trains, from scratch
+``edgefed build-demo-model`` trains, from scratch
 and on CPU, a byte-level BPE tokenizer and a ~6 M parameter LlamaForCausalLM on the
 train split of :mod:`emulation.corpus`, evaluates it on the held-out module files, and
 writes an ordinary Hugging Face model directory (bfloat16 safetensors, tokenizer.json,
@@ -14,7 +14,6 @@ the model card's rebuild command pins ``--steps`` to reproduce a time-budgeted b
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -431,71 +430,3 @@ def _make_optimizer(model, spec: DemoModelSpec) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``build-demo-model`` subcommand on an argparse ``subparsers`` object."""
-    parser = subparsers.add_parser(
-        "build-demo-model",
-        help="train the embedded demo model on the Python standard library",
-        description=(
-            "Train edgefed's embedded default model from scratch on CPU: a byte-level BPE tokenizer "
-            "and a small LlamaForCausalLM on the train split of the Python standard library, "
-            "scored on the held-out module files, written as a Hugging Face model directory."
-        ),
-    )
-    parser.add_argument("--out", type=Path, default=Path("models/edgefed-demo"), help="output directory")
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        default=DEFAULT_MINUTES,
-        help=f"time budget for the whole build, 0 for none (default {DEFAULT_MINUTES:g})",
-    )
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed for init and data order (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help=argparse.SUPPRESS)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``build-demo-model``; returns the process exit status."""
-    try:
-        import transformers  # noqa: F401  (the model class; an optional dependency of edgefed)
-    except ModuleNotFoundError:
-        print("edgefed build-demo-model: error: needs transformers: pip install 'edgefed[test]'", file=sys.stderr)
-        return 2
-    try:
-        result = build_demo_model(
-            args.out,
-            PRESETS[args.preset],
-            minutes=args.minutes,
-            steps=args.steps,
-            seed=args.seed,
-            threads=args.threads,
-            progress=not args.quiet,
-        )
-    except ValueError as error:
-        print(f"edgefed build-demo-model: error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {result.out_dir}: {result.num_parameters:,} parameters, {result.steps} steps, "
-        f"{result.tokens_seen:,} tokens, held-out loss {result.heldout_loss:.4f} "
-        f"(perplexity {result.heldout_perplexity:.2f}) in {result.total_seconds / 60:.1f} min"
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emulation.demo_model")
-    subparsers = parser.add_subparsers(dest="command")
-    add_parser(subparsers)
-    # Standalone, the subcommand name is implied.
-    args = parser.parse_args(["build-demo-model", *(sys.argv[1:] if argv is None else argv)])
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

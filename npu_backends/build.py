@@ -8,61 +8,52 @@ never include it.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from edge_node.model import Transformer
+from edge_node.model import EdgefedError, Transformer
 
 from .export import GraphSpec, export_chunk_graphs, load_specs
+from .options import PrefillOptions, round_up
 from .prefill import ChunkedPrefill
 from .providers import make_session
 from .quantize import build_int8, int8_path, record_calibration
 from .schedule import OutOfOrder, alternate
 
 
-@dataclass(frozen=True)
-class PrefillOptions:
-    chunk: int = 128
-    context: int = 1024  # tokens the graphs hold, so the longest prompt; past slots = context - chunk
-    groups: int = 1  # layer-block subgraphs
-    provider: str = "cpu"
-    strict: bool = False
-    int8: bool = False
-    shadow: bool = False  # with int8: tight clip + float shadow of the hot channels
-    out_of_order: bool = False  # schedule cells over the accelerator and CPU queues
-    threads: int | None = None
-    graph_dir: str | None = None  # keep / reuse exported graphs here
-    calib_tokens: int = 1024
-    hot_fraction: float = 1 / 64
+def calibration_prompts(model_dir: str | Path, texts: Iterable[str], tokens: int, length: int,
+                        vocab: int) -> list[list[int]]:
+    """Prompts of `length` tokens from `texts` (consumed lazily until `tokens` are in), tokenized with the
+    model's tokenizer; random ids when the model has no tokenizer or the texts run short.
 
-    @property
-    def int8_mode(self) -> str | None:
-        return None if not self.int8 else ("shadow" if self.shadow else "minmax")
-
-
-def round_up(n: int, chunk: int) -> int:
-    return max(chunk, -(-n // chunk) * chunk)
-
-
-def calibration_prompts(model_dir: str | Path, tokens: int, length: int, vocab: int) -> list[list[int]]:
-    """Prompts of `length` tokens: the stdlib corpus' train split if the model has a tokenizer, else random ids."""
+    The caller chooses the text (the command line passes a spread of the stdlib corpus): the runtime
+    never reads a corpus of its own.
+    """
     tok_path = Path(model_dir) / "tokenizer.json"
     ids: list[int] = []
     if tok_path.is_file():
         from edge_node.model import Tokenizer
-        from emulation.corpus import corpus_files
 
         tok = Tokenizer.from_dir(model_dir)
-        for path in corpus_files("train")[::50]:  # a spread of packages, not one
-            ids += tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+        for text in texts:
+            ids += tok.encode(text, add_special_tokens=False)
             if len(ids) >= tokens:
                 break
     if len(ids) < tokens:
         ids = np.random.RandomState(0).randint(0, vocab, tokens).tolist()
     ids = ids[:tokens]
     return [ids[i : i + length] for i in range(0, len(ids), length)]
+
+
+__all__ = ["GraphDirError", "PrefillOptions", "build_prefill", "calibration_prompts", "open_prefill",
+           "open_prefill_dir", "prefill_step", "round_up"]
+
+
+class GraphDirError(EdgefedError, ValueError):
+    """A graph directory lacks the exported graphs a run asks for."""
 
 
 def float_graphs(model: Transformer, opts: PrefillOptions, root: Path) -> list[GraphSpec]:
@@ -76,18 +67,23 @@ def float_graphs(model: Transformer, opts: PrefillOptions, root: Path) -> list[G
     return export_chunk_graphs(model, root, opts.chunk, opts.context, opts.groups)
 
 
-def build_prefill(model: Transformer, model_dir: str | Path, opts: PrefillOptions) -> ChunkedPrefill:
-    """Export (and quantize) graphs for `model`, open sessions on the options' provider."""
+def build_prefill(model: Transformer, model_dir: str | Path, opts: PrefillOptions,
+                  calibration: Iterable[str] = ()) -> ChunkedPrefill:
+    """Export (and quantize) graphs for `model`, open sessions on the options' provider.
+
+    `calibration`: texts the int8 ranges are calibrated on (random ids when empty).
+    """
     if opts.graph_dir is None:
         # Sessions hold their weights in memory once opened, so the graphs need not outlive this call.
         with tempfile.TemporaryDirectory(prefix="edgefed-prefill-") as tmp:
-            return build_prefill(model, model_dir, replace(opts, graph_dir=tmp))
+            return build_prefill(model, model_dir, replace(opts, graph_dir=tmp), calibration)
     root = Path(opts.graph_dir)
     specs = float_graphs(model, opts, root)
     if opts.int8:
         cached, missing = _int8_specs(specs, opts.int8_mode)
         if missing:
-            prompts = calibration_prompts(model_dir, opts.calib_tokens, opts.context, model.config.vocab_size)
+            prompts = calibration_prompts(model_dir, calibration, opts.calib_tokens, opts.context,
+                                          model.config.vocab_size)
             feeds = record_calibration(model, specs, prompts, opts.threads)
             cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction)
         specs = cached
@@ -111,12 +107,12 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions) -> ChunkedPrefill
     try:
         specs = load_specs(root)
     except (FileNotFoundError, KeyError, TypeError):
-        raise ValueError(f"{root}: no exported chunk graphs (graphs.json); export them first with "
+        raise GraphDirError(f"{root}: no exported chunk graphs (graphs.json); export them first with "
                          f"`edgefed prefill --model DIR --graph-dir {root} --chunk N --context T`") from None
     if opts.int8:
         specs, missing = _int8_specs(specs, opts.int8_mode)
         if missing:
-            raise ValueError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "
+            raise GraphDirError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "
                              f"`edgefed prefill --model DIR --graph-dir {root} --int8"
                              f"{' --shadow' if opts.shadow else ''}`")
     return open_prefill(model, specs, replace(opts, chunk=specs[0].chunk, context=specs[0].context))
@@ -132,35 +128,12 @@ def open_prefill(model: Transformer, specs: list[GraphSpec], opts: PrefillOption
     return prefill
 
 
-def add_prefill_args(p) -> None:
-    """Flags for `edgefed generate` (and any runtime command) to prefill on ONNX Runtime."""
-    from .providers import PROFILES
-
-    p.add_argument("--prefill", choices=["torch", "ort"], default="torch", help="who prefills the prompt")
-    p.add_argument("--chunk", type=int, choices=(32, 64, 128, 256), default=128, help="with --prefill ort")
-    p.add_argument("--provider", choices=list(PROFILES), default="cpu", help="with --prefill ort")
-    p.add_argument("--strict", action="store_true", help="with --prefill ort: no CPU fall-back")
-    p.add_argument("--int8", action="store_true", help="with --prefill ort: W8A8 linear layers")
-    p.add_argument("--shadow", action="store_true", help="with --int8: shadow outlier execution")
-    p.add_argument("--graph-dir", help="with --prefill ort: keep and reuse exported graphs")
-
-
-def prefill_step_from_args(model: Transformer, model_dir: str | Path, args, prompt_len: int, on_prefill=None):
-    """None for --prefill torch; else a decode_loop `step` whose first call prefills on ONNX Runtime.
+def prefill_step(model: Transformer, model_dir: str | Path, opts: PrefillOptions, calibration: Iterable[str] = (),
+                 on_prefill=None):
+    """A decode_loop `step` whose first call prefills on ONNX Runtime (graphs built or reused per `opts`).
 
     `on_prefill(PrefillResult)` is called once the prompt is prefilled (provider used, timings).
     """
     from .prefill import ort_prefill_step
 
-    if getattr(args, "prefill", "torch") != "ort":
-        return None
-    opts = options_from_args(args, round_up(prompt_len, args.chunk))
-    return ort_prefill_step(model, build_prefill(model, model_dir, opts), on_prefill)
-
-
-def options_from_args(args, context: int) -> PrefillOptions:
-    """PrefillOptions from the add_prefill_args flags, for graphs holding `context` tokens."""
-    if args.shadow and not args.int8:
-        raise ValueError("--shadow needs --int8")
-    return PrefillOptions(args.chunk, context, provider=args.provider, strict=args.strict, int8=args.int8,
-                          shadow=args.shadow, threads=getattr(args, "threads", None), graph_dir=args.graph_dir)
+    return ort_prefill_step(model, build_prefill(model, model_dir, opts, calibration), on_prefill)

@@ -24,6 +24,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from edge_node.model import Transformer
+from edge_node.model.errors import UsageError
 
 from .export import GraphSpec
 from .prefill import ChunkedPrefill
@@ -120,7 +121,7 @@ def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray
     smooth: SmoothQuant alpha (None: no smoothing); rotate: Hadamard block of the down input (None: none).
     """
     if mode not in MODES:
-        raise ValueError(f"int8 mode {mode!r} is not one of {MODES}")
+        raise UsageError(f"int8 mode {mode!r} is not one of {MODES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [dataclasses.replace(spec, path=str(_quantize_group(spec, group_feeds, out, mode, fraction, smooth, rotate)))

@@ -10,6 +10,7 @@ from .errors import (
     TensorShapeError,
     UnexpectedTensorError,
     UnsupportedArchitectureError,
+    UsageError,
 )
 from .generate import GenerationResult, generate
 from .kv_cache import KVCache
@@ -21,5 +22,5 @@ from .tokenizer import Tokenizer
 __all__ = [
     "CheckpointError", "EdgefedError", "GenerationResult", "KVCache", "MissingTensorError", "ModelConfig",
     "ModelConfigError", "PromptError", "Sampler", "SamplingConfig", "TensorShapeError", "Tokenizer",
-    "Transformer", "UnexpectedTensorError", "UnsupportedArchitectureError", "generate", "load_model",
+    "Transformer", "UnexpectedTensorError", "UnsupportedArchitectureError", "UsageError", "generate", "load_model",
 ]

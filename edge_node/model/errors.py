@@ -37,3 +37,7 @@ class TensorShapeError(CheckpointError):
 
 class PromptError(EdgefedError):
     """The prompt cannot be run: empty, or longer than the model's context."""
+
+
+class UsageError(EdgefedError, ValueError):
+    """An option or argument cannot be honoured (a bad combination, a value out of range)."""

@@ -20,6 +20,16 @@ class GenerationResult:
     tpot_ms: float  # mean time per output token after the first
     stop_reason: str  # "eos" | "length" | "context"
     step_ms: list[float] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)  # per generated token, when asked for (see top_logprobs)
+
+
+def top_logprobs(logits: torch.Tensor, token: int, k: int) -> dict:
+    """The chosen token's log-probability and the k most likely tokens', under the model's distribution
+    at that position (before any repetition penalty or temperature), as the OpenAI API reports them."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(lp, min(k, lp.numel()))
+    return {"token_id": token, "logprob": float(lp[token]),
+            "top_logprobs": [{"token_id": int(i), "logprob": float(v)} for v, i in zip(values, ids, strict=True)]}
 
 
 def check_prompt(prompt_ids: Sequence[int], max_positions: int, vocab_size: int) -> None:
@@ -38,7 +48,7 @@ def check_prompt(prompt_ids: Sequence[int], max_positions: int, vocab_size: int)
 def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), eos_ids: Sequence[int] = (),
              on_token: Callable[[int], None] | None = None,
-             step: Callable[[list[int], int], torch.Tensor] | None = None) -> GenerationResult:
+             step: Callable[[list[int], int], torch.Tensor] | None = None, logprobs: int = 0) -> GenerationResult:
     """Generate up to max_new_tokens after prompt_ids; stops at an EOS id or the context limit.
 
     `step(ids, pos0)` replaces the model's own forward (e.g. a prefill on ONNX Runtime, then torch).
@@ -47,7 +57,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
     check_prompt(prompt_ids, cfg.max_position_embeddings, cfg.vocab_size)
     step = step or _forward_fn(model)
     return decode_loop(step, list(prompt_ids), max_new_tokens, Sampler(sampling), eos_ids,
-                       cfg.max_position_embeddings, on_token)
+                       cfg.max_position_embeddings, on_token, logprobs)
 
 
 def _forward_fn(model: Transformer) -> Callable[[list[int], int], torch.Tensor]:
@@ -62,9 +72,13 @@ def _forward_fn(model: Transformer) -> Callable[[list[int], int], torch.Tensor]:
 
 def decode_loop(step: Callable[[list[int], int], torch.Tensor], prompt: list[int], max_new_tokens: int,
                 sampler: Sampler, eos_ids: Sequence[int], max_positions: int,
-                on_token: Callable[[int], None] | None = None) -> GenerationResult:
-    """Shared by every engine: `step(ids, pos0)` runs ids at positions [pos0, ...) and returns last logits."""
+                on_token: Callable[[int], None] | None = None, logprobs: int = 0) -> GenerationResult:
+    """Shared by every engine: `step(ids, pos0)` runs ids at positions [pos0, ...) and returns last logits.
+
+    logprobs=K > 0 records the top-K log-probabilities at every generated position.
+    """
     out: list[int] = []
+    lps: list[dict] = []
     times: list[float] = []
     eos = set(eos_ids)
     reason = "length"
@@ -75,8 +89,11 @@ def decode_loop(step: Callable[[list[int], int], torch.Tensor], prompt: list[int
         if pos + len(ids) > max_positions:
             reason = "context"
             break
-        token = sampler(step(ids, pos), history)
+        logits = step(ids, pos)
+        token = sampler(logits, history)
         times.append(time.perf_counter())
+        if logprobs:
+            lps.append(top_logprobs(logits, token, logprobs))
         pos += len(ids)
         out.append(token)
         history.append(token)
@@ -89,4 +106,4 @@ def decode_loop(step: Callable[[list[int], int], torch.Tensor], prompt: list[int
     ttft = (times[0] - t0) * 1e3 if times else 0.0
     steps = [(b - a) * 1e3 for a, b in zip(times, times[1:], strict=False)]
     tpot = sum(steps) / len(steps) if steps else 0.0
-    return GenerationResult(out, ttft, tpot, reason, steps)
+    return GenerationResult(out, ttft, tpot, reason, steps, lps)

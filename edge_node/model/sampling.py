@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -24,13 +26,13 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 class Sampler:

@@ -15,7 +15,7 @@ import torch
 
 from edge_node.model import generate, load_model
 from edge_node.shard import write_shards
-from edge_node.tp_cmd import free_port
+from edgefed.commands.tp_generate import free_port
 from tests.checkpoints import copy_model, make_checkpoint
 
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 11]
@@ -24,14 +24,15 @@ NEW = 12
 
 def _rank_main(rank: int, world: int, master: str, shards: str, windows: list, allreduce: str, results) -> None:
     from edge_node.collectives import Comm
-    from edge_node.engine import TPOptions, run_rank
+    from edge_node.engine import run_rank
+    from edge_node.run_config import RunConfig
 
     torch.set_num_threads(1)
     comm = Comm(rank, world, master, timeout_s=60, allreduce=allreduce)
     try:
         for w in windows:
-            opts = TPOptions(shards, rank, master, window=w, allreduce=allreduce)
-            r = run_rank(opts, PROMPT, NEW, keep_logits=True, comm=comm)
+            run = RunConfig(shards=shards, prompt_ids=PROMPT, max_new_tokens=NEW, window=w, allreduce=allreduce)
+            r = run_rank(run, keep_logits=True, comm=comm)
             if r is not None:
                 results.put((w, r["token_ids"], torch.stack(r["logits"]).tolist(), r["per_rank_window"]))
     finally:
@@ -99,7 +100,7 @@ def test_tp_equals_single_node_for_every_window(case, tmp_path):
 
 
 def edgefed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_node.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgefed", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -199,11 +200,13 @@ def test_rank0_prefills_on_onnx_runtime_and_hands_every_rank_its_kv_slice(tmp_pa
     r = edgefed("prefill", "--model", str(tmp_path / "m"), "--backend", "ort", "--chunk", "32", "--context", "64",
                 "--graph-dir", str(graphs), "--prompt-ids", prompt, "--json")
     assert r.returncode == 0, r.stderr
+    new = 10  # every greedy token after the ORT prefill, not just the first, must equal the single-node reference
     r = edgefed("tp-generate", "--shards", str(tmp_path / "s"), "--prefill", "ort", "--graph-dir", str(graphs),
-                "--prompt-ids", prompt, "--max-new-tokens", "10", "--greedy", "--json", "--threads", "1")
+                "--prompt-ids", prompt, "--max-new-tokens", str(new), "--greedy", "--json", "--threads", "1")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    expected = generate(load_model(tmp_path / "m"), [int(t) for t in prompt.split(",")], 10).token_ids
+    expected = generate(load_model(tmp_path / "m"), [int(t) for t in prompt.split(",")], new).token_ids
+    assert len(expected) == new
     assert out["token_ids"] == expected
     assert out["prefill"] == "ort" and out["prefill_provider"] == "CPUExecutionProvider"
 

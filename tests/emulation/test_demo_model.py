@@ -1,13 +1,16 @@
-"""The demo-model builder is reproducible, and the committed model loads in transformers."""
+"""The demo-model builder is reproducible, and the committed model and tokenizer run in edgefed."""
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 
 import pytest
 import torch
 
+from edge_node.model import Tokenizer, load_model
+from edgefed.cli import main
 from emulation import corpus
 from emulation.demo_model import (
     DEFAULT_SPEC,
@@ -17,7 +20,6 @@ from emulation.demo_model import (
     build_demo_model,
     default_model_dir,
     lr_at,
-    main,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -41,36 +43,42 @@ def test_committed_model_directory_is_complete_and_small():
     assert "PSF License Agreement" in card and "edgefed build-demo-model" in card
 
 
-def test_committed_model_loads_in_transformers():
-    model = transformers.LlamaForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
-    parameters = sum(p.numel() for p in model.parameters())
-    assert 5_000_000 <= parameters <= 15_000_000
-    tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO)
-    ids = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt").input_ids
-    with torch.no_grad():
-        logits = model(ids).logits
-    assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
+def stored_parameters(model_dir) -> int:
+    """Parameters stored in model.safetensors, read from its header (tied embeddings are stored once)."""
+    with open(model_dir / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+
+
+def test_committed_model_runs_in_edgefed_on_python_source():
+    assert 5_000_000 <= stored_parameters(DEMO) <= 15_000_000
+    tok = Tokenizer.from_dir(DEMO)
+    ids = tok.encode("def add(a, b):\n    return a + b\n")
+    model = load_model(DEMO)
+    logits = model(torch.tensor([ids]), model.new_cache())
+    assert logits.shape == (1, len(ids), model.config.vocab_size) == (1, len(ids), tok.inner.get_vocab_size())
     assert torch.isfinite(logits).all()
 
 
-def test_committed_tokenizer_round_trips_python_source():
-    tokenizer = transformers.AutoTokenizer.from_pretrained(DEMO)
-    assert tokenizer.bos_token == tokenizer.eos_token == EOT
+def test_committed_tokenizer_round_trips_python_source_in_edgefed():
+    tok = Tokenizer.from_dir(DEMO)
+    assert tok.bos_token == tok.eos_token == EOT
+    eot = tok.token_id(EOT)
     samples = [corpus.read_source(path) for path in corpus.corpus_files("heldout")[:5]]
     samples.append("x = {'a': 1 , }\n\tif  y :  pass  # ünïcode ☃ \r\n")
     for text in samples:
-        ids = tokenizer(text).input_ids
-        # No BOS: with BOS == PAD, generate() would mask a leading BOS out.
-        assert tokenizer.eos_token_id not in ids
-        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        ids = tok.encode(text)  # as `edgefed generate --prompt` encodes
+        # No BOS: with BOS == PAD, transformers' generate() would mask a leading BOS out.
+        assert eot not in ids
+        assert tok.decode(ids) == text
 
 
-def test_tokenizers_library_agrees_with_transformers():
-    from tokenizers import Tokenizer
-
+def test_edgefed_tokenizer_agrees_with_transformers():
     text = "class Spam(Eggs):\n    def __init__(self):\n        super().__init__()\n"
-    raw = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
-    assert raw.encode(text).ids == transformers.AutoTokenizer.from_pretrained(DEMO)(text).input_ids
+    ours, reference = Tokenizer.from_dir(DEMO), transformers.AutoTokenizer.from_pretrained(DEMO)
+    ids = reference(text).input_ids
+    assert ours.encode(text) == ids
+    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True) == text
 
 
 def test_tiny_build_is_byte_identical_for_the_same_seed(tmp_path):
@@ -96,13 +104,13 @@ def test_tiny_build_loads_in_transformers(tmp_path):
 
 def test_cli_refuses_a_directory_with_foreign_files(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert main(["--out", str(tmp_path), "--preset", "tiny", "--steps", "1", "--quiet"]) == 2
+    assert main(["build-demo-model", "--out", str(tmp_path), "--preset", "tiny", "--steps", "1", "--quiet"]) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_cli_needs_steps_or_a_time_budget(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "m"), "--minutes", "0", "--quiet"]) == 2
+    assert main(["build-demo-model", "--out", str(tmp_path / "m"), "--minutes", "0", "--quiet"]) == 2
     assert "--steps" in capsys.readouterr().err
 
 

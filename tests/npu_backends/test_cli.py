@@ -2,7 +2,7 @@
 
 import json
 
-from edge_node.cli import main
+from edgefed.cli import main
 from tests.npu_backends.conftest import prompt_of
 
 
@@ -35,23 +35,18 @@ def test_strict_with_an_absent_provider_exits_2_naming_it(llama_dir, capsys):
 
 
 def test_the_generate_hook_prefills_on_ort_and_decodes_the_same_tokens(llama_dir):
-    import argparse
-
     from edge_node.model import SamplingConfig, generate, load_model
     from edge_node.model.generate import decode_loop
     from edge_node.model.sampling import Sampler
-    from npu_backends.build import add_prefill_args, prefill_step_from_args
+    from npu_backends.build import prefill_step
+    from npu_backends.options import PrefillOptions
 
-    p = argparse.ArgumentParser()
-    add_prefill_args(p)
-    args = p.parse_args(["--prefill", "ort", "--chunk", "32"])
     model = load_model(llama_dir, pack=True)  # as `edgefed generate` loads it
     prompt = prompt_of(50, seed=12)
-    step = prefill_step_from_args(model, llama_dir, args, len(prompt))
+    step = prefill_step(model, llama_dir, PrefillOptions(chunk=32, context=64))
     greedy = SamplingConfig(greedy=True)
     got = decode_loop(step, prompt, 10, Sampler(greedy), (), model.config.max_position_embeddings)
     assert got.token_ids == generate(model, prompt, 10, greedy).token_ids
-    assert prefill_step_from_args(model, llama_dir, p.parse_args([]), 50) is None
 
 
 def test_a_prompt_longer_than_the_model_holds_is_named_before_any_export(llama_dir, capsys, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from edge_node.collectives import Comm
-from edge_node.engine import RankEngine, TPOptions
+from edge_node.engine import RankEngine
+from edge_node.run_config import RunConfig
 from edge_node.shard import write_shards
 from tests.checkpoints import make_checkpoint
 
@@ -20,7 +21,7 @@ def top1_agreement(model_dir: Path, out: Path, windows: list[list[int]]) -> floa
     tops = {}
     for weights in ("float32", "int8"):
         write_shards(model_dir, out / weights, 1, weights=weights)
-        engine = RankEngine(TPOptions(out / weights), Comm(0, 1, ""), max(map(len, windows)))
+        engine = RankEngine(RunConfig(shards=str(out / weights)), Comm(0, 1, ""), max(map(len, windows)))
         tops[weights] = torch.cat([engine.score(ids).argmax(-1) for ids in windows])
         engine.close()
     return (tops["float32"] == tops["int8"]).float().mean().item()

@@ -1,0 +1,70 @@
+"""`edgefed prefill`: time a prompt's prefill on torch or ONNX Runtime and check it against float torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgefed.args import CHUNKS, PROVIDERS, calibration_texts, emit, parse_ids
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prefill", help="chunked prompt prefill on ONNX Runtime (NPU execution providers) or torch")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--backend", choices=["torch", "ort"], default="ort")
+    p.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime execution provider")
+    p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU")
+    p.add_argument("--chunk", type=int, choices=CHUNKS, default=128, help="tokens per static chunk graph")
+    p.add_argument("--context", type=int, help="tokens the graphs hold, a multiple of the chunk "
+                   "(past slots = context - chunk; default: the prompt, rounded up)")
+    p.add_argument("--groups", type=int, default=1, help="layer-block subgraphs per chunk")
+    p.add_argument("--out-of-order", action="store_true", help="schedule subgraphs over accelerator + CPU queues")
+    p.add_argument("--int8", action="store_true", help="W8A8 QDQ linear layers, calibrated on the stdlib corpus")
+    p.add_argument("--shadow", action="store_true", help="with --int8: shadow outlier execution in float")
+    p.add_argument("--graph-dir", help="keep exported graphs here and reuse them")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer.json)")
+    src.add_argument("--prompt-file", help="file whose text is the prompt")
+    src.add_argument("--prompt-ids", type=parse_ids, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(run=run)
+
+
+def prompt_ids(args: argparse.Namespace) -> list[int]:
+    if args.prompt_ids is not None:
+        return args.prompt_ids
+    from edge_node.model import Tokenizer
+
+    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+    return Tokenizer.from_dir(args.model).encode(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edge_node.memory import own_peak_rss_mb
+    from edge_node.model import load_model
+    from edge_node.model.generate import check_prompt
+    from npu_backends.measure import measure_prefill
+    from npu_backends.options import PrefillOptions, round_up
+
+    if args.shadow and not args.int8:
+        raise ValueError("--shadow needs --int8")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, torch.float32)
+    prompt = prompt_ids(args)
+    check_prompt(prompt, model.config.max_position_embeddings, model.config.vocab_size)  # before any export
+    opts = None
+    if args.backend == "ort":
+        opts = PrefillOptions(args.chunk, args.context or round_up(len(prompt), args.chunk), args.groups,
+                              args.provider, args.strict, args.int8, args.shadow, args.out_of_order,
+                              args.threads, args.graph_dir)
+    out = measure_prefill(model, args.model, prompt, opts, calibration_texts() if args.int8 else ())
+    out["peak_rss_mb"] = round(own_peak_rss_mb(), 1)
+    emit(out, args.json, text_key="")
+    if not args.json:
+        print(f"{out['prefill_tokens_per_s']} tokens/s on {out['provider']}", file=sys.stderr)
+    return 0

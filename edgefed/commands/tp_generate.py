@@ -1,0 +1,150 @@
+"""`edgefed tp-generate`: tensor-parallel generation over shards, N local ranks or one rank of a group.
+
+Without --rank it builds the run configuration once, launches every rank as a local process on loopback
+(each its own interpreter, so each has its own peak RSS and could sit in its own cgroup), hands each the
+configuration whole (JSON on stdin) and prints rank 0's result. With --rank R and --master-addr HOST:PORT
+it runs just that rank, for groups that span hosts, from its own flags or `--run-config FILE|-`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from edgefed.args import add_generation_args, add_prefill_args, emit, prefill_from_args, prompt_from_args, run_config
+
+_POLL_S = 0.05
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tp-generate", help="tensor-parallel generation across ranks, streaming layer blocks")
+    p.add_argument("--shards", required=True, help="directory written by `edgefed shard`")
+    p.add_argument("--nodes", type=int, help="ranks (default and only allowed value: the manifest's)")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--window", type=int, help="layer blocks resident per rank (default: all)")
+    mem.add_argument("--memory-mb", type=float, help="per-rank memory budget; the window is derived from it")
+    p.add_argument("--allreduce", choices=["star", "gloo"], default="star")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds any rank waits on the others")
+    p.add_argument("--drop-page-cache", action="store_true",
+                   help="evict shard pages after each read, so every pass reads from disk")
+    p.add_argument("--rank", type=int, help="run only this rank (needs --master-addr)")
+    p.add_argument("--master-addr", help="HOST:PORT of rank 0's rendezvous")
+    p.add_argument("--run-config", help="with --rank: the run configuration as JSON in a file, or - for stdin "
+                   "(what the local launcher passes; the generation flags are then ignored)")
+    add_generation_args(p, model_required=False, prompt_required=False)  # a prompt or --run-config
+    add_prefill_args(p)  # rank 0 prefills on ONNX Runtime from graphs exported ahead (--graph-dir)
+    p.set_defaults(run=run)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_from_args(args: argparse.Namespace):
+    """The run configuration from the command line: prompt tokenized once, defaults read from the shards."""
+    if getattr(args, "prefill", "torch") == "ort" and not args.graph_dir:
+        raise ValueError("tp-generate --prefill ort needs --graph-dir: graphs exported ahead with "
+                         "`edgefed prefill --model DIR --graph-dir G ...` (the ranks hold no whole model to export)")
+    prompt, _ = prompt_from_args(args, args.shards)
+    # chunk and context are the exported graphs' own: rank 0 reads them from the graph directory
+    return run_config(args, prompt, prefill_from_args(args, args.chunk), shards=str(args.shards))
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_node.shard import Manifest, ShardError
+
+    manifest = Manifest.load(args.shards)
+    if args.nodes is not None and args.nodes != manifest.nodes:
+        raise ShardError(f"{args.shards} is sharded for {manifest.nodes} nodes, not --nodes {args.nodes}")
+    if args.rank is None:
+        return _launch(args, config_from_args(args), manifest.nodes)
+    if not args.master_addr:
+        raise ValueError("--rank needs --master-addr HOST:PORT")
+    return _run_rank(args)
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    from edge_node.engine import run_rank
+    from edge_node.run_config import RunConfig
+
+    if args.run_config:
+        text = sys.stdin.read() if args.run_config == "-" else Path(args.run_config).read_text()
+        cfg = RunConfig.from_json(text)
+    else:
+        cfg = config_from_args(args)
+    result = run_rank(cfg, args.rank, args.master_addr)
+    if result is not None:
+        _output(args, result)
+    return 0
+
+
+def _output(args: argparse.Namespace, result: dict) -> None:
+    from edge_node.model import Tokenizer
+
+    tok = Tokenizer.from_dir(args.shards) if (Path(args.shards) / "tokenizer.json").is_file() else None
+    result["text"] = tok.decode(result["token_ids"]) if tok else ""
+    if args.json:
+        emit(result, True)
+    else:
+        _print_text(args, result)
+
+
+def _print_text(args: argparse.Namespace, r: dict) -> None:
+    """Prompt and continuation on stdout (ids when there is no tokenizer), timings on stderr."""
+    print((args.prompt or "") + r["text"] if r["text"] or args.prompt else ",".join(map(str, r["token_ids"])))
+    mean = r.get("per_token_mean", {})
+    print(f"\n[{len(r['token_ids'])} tokens, stop: {r['stop_reason']}, {r['nodes']} ranks] "
+          f"time to first token {r['ttft_ms']:.1f} ms, {r['tpot_ms']:.2f} ms/token "
+          f"(compute {mean.get('compute_ms', 0):.1f} / comm {mean.get('comm_ms', 0):.1f} / "
+          f"io wait {mean.get('io_wait_ms', 0):.1f} ms), peak RSS per rank {r['per_rank_peak_rss_mb']} MB",
+          file=sys.stderr)
+
+
+def _child_argv(args: argparse.Namespace, rank: int, master: str) -> list[str]:
+    return [sys.executable, "-m", "edgefed", "tp-generate", "--shards", str(args.shards), "--rank", str(rank),
+            "--master-addr", master, "--run-config", "-", "--json"]
+
+
+def _launch(args: argparse.Namespace, cfg, nodes: int) -> int:
+    """Start every rank locally, each handed the one configuration; drain their output while they run
+    (a rank blocked on a full pipe would hang the group). The first rank to fail ends the others."""
+    master = f"127.0.0.1:{free_port()}"
+    text = cfg.to_json()
+    procs = [subprocess.Popen(_child_argv(args, r, master), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(nodes)]
+    outs: list[tuple[str, str]] = [("", "")] * nodes
+
+    def drain(r: int) -> None:
+        outs[r] = procs[r].communicate(text)
+
+    threads = [threading.Thread(target=drain, args=(r,), daemon=True) for r in range(nodes)]
+    for t in threads:
+        t.start()
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs):
+        failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        time.sleep(_POLL_S)
+    failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.returncode), None)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for t in threads:
+        t.join()
+    if failed is not None:
+        # The first rank to exit may only have seen a peer vanish: name every rank's own error.
+        for r, (_, err) in enumerate(outs):
+            lines = [ln for ln in err.strip().splitlines() if "error" in ln.lower()] or err.strip().splitlines()
+            if procs[r].returncode not in (0, None) and lines:
+                print(f"edgefed tp-generate: rank {r}: {lines[-1]}", file=sys.stderr)
+        return procs[failed].returncode or 2
+    _output(args, json.loads(outs[0][0]))
+    sys.stderr.write(outs[0][1])
+    return 0

@@ -1,0 +1,30 @@
+"""Options of an ONNX Runtime chunked prefill: a plain frozen record, light to import and to send to a rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefillOptions:
+    chunk: int = 128
+    context: int = 1024  # tokens the graphs hold, so the longest prompt; past slots = context - chunk
+    groups: int = 1  # layer-block subgraphs
+    provider: str = "cpu"
+    strict: bool = False
+    int8: bool = False
+    shadow: bool = False  # with int8: tight clip + float shadow of the hot channels
+    out_of_order: bool = False  # schedule cells over the accelerator and CPU queues
+    threads: int | None = None
+    graph_dir: str | None = None  # keep / reuse exported graphs here
+    calib_tokens: int = 1024
+    hot_fraction: float = 1 / 64
+
+    @property
+    def int8_mode(self) -> str | None:
+        return None if not self.int8 else ("shadow" if self.shadow else "minmax")
+
+
+def round_up(n: int, chunk: int) -> int:
+    """n rounded up to a whole number of chunks (at least one)."""
+    return max(chunk, -(-n // chunk) * chunk)

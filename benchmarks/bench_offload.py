@@ -103,7 +103,7 @@ def run_edgefed(shards: Path, nodes: int, a, cold: bool, prompt: list[int]) -> d
     threads = max(1, a.threads // nodes)
     for r in range(nodes):
         prefix, group = cgroup_prefix(f"r{r}", a.cap_mb)
-        cmd = [*prefix, sys.executable, "-m", "edge_node.cli", "tp-generate", "--shards", str(shards),
+        cmd = [*prefix, sys.executable, "-m", "edgefed", "tp-generate", "--shards", str(shards),
                "--rank", str(r), "--master-addr", f"127.0.0.1:{port}", "--memory-mb", str(a.cap_mb * 0.9),
                "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(a.new), "--greedy", "--json",
                "--threads", str(threads), "--timeout", "600", *(["--drop-page-cache"] if cold else [])]

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, median, random_checkpoint  # noqa: E402
 from edge_node.model import Transformer, load_model  # noqa: E402
+from edgefed.args import calibration_texts  # noqa: E402
 from npu_backends.build import PrefillOptions, calibration_prompts, float_graphs, open_prefill, round_up  # noqa: E402
 from npu_backends.evaluate import agreement  # noqa: E402
 from npu_backends.export import export_chunk_graphs  # noqa: E402
@@ -131,7 +132,7 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
     opts = PrefillOptions(a.chunk, context, threads=a.threads)
     specs = float_graphs(model, opts, root)
     variants = {"ORT float32, chunked": specs}
-    calib = calibration_prompts(model_dir, a.calib_tokens, context, cfg.vocab_size)
+    calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, cfg.vocab_size)
     feeds = record_calibration(model, specs, calib, a.threads)
     for mode in MODES:
         variants[f"ORT int8 {mode}, chunked"] = build_int8(specs, feeds, root, mode)
@@ -163,7 +164,7 @@ def eval_agreement(model: Transformer, model_dir: Path, root: Path, prompts: lis
     """Top-1 agreement of every int8 variant with float over every position of the held-out prompts."""
     context = round_up(a.eval_len, a.chunk)
     specs = export_chunk_graphs(model, root / "all", a.chunk, context, all_logits=True)
-    calib = calibration_prompts(model_dir, a.calib_tokens, context, model.config.vocab_size)
+    calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, model.config.vocab_size)
     feeds = record_calibration(model, specs, calib, a.threads)
     opts = PrefillOptions(a.chunk, context, threads=a.threads)
     ref = open_prefill(model, specs, opts)

@@ -100,6 +100,9 @@ class RankEngine:
         self.norm = RMSNorm(self._embed.get_tensor("norm").to(self.dtype), self.cfg.rms_norm_eps)
 
     def _build(self, f: ShardFile, t: dict[str, torch.Tensor]) -> torch.nn.Module:
+        # Float tensors in the compute dtype (a copy only when it differs from the stored one); int8
+        # weights and their scales stay as stored: the int8 kernel takes them as they are.
+        t = {k: v.to(self.dtype) if v.is_floating_point() and not k.endswith(".scale") else v for k, v in t.items()}
         if f.kind == "head":
             return HeadChunk(f.vocab, make_linear(t["lm_head"], t.get("lm_head.scale")))
         return build_block(self.cfg, f.layer, t, self.units, linear_factory)

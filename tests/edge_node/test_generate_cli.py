@@ -80,3 +80,30 @@ def test_errors_go_to_stderr_with_nonzero_exit(llama_dir, args, message):
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+def test_logprobs_are_the_reference_models_at_every_generated_position(tmp_path):
+    """--logprobs K reports, per generated token, its log-probability and the top K: the same numbers
+    transformers gives on the same checkpoint (realistic scale, so an error would show)."""
+    import torch
+
+    from tests.parity import realistic_checkpoint
+
+    hf = realistic_checkpoint(tmp_path / "m", eos_token_id=None)
+    prompt = [5, 0, 17, 42, 7, 99, 3, 0]
+    r = edgefed("generate", "--model", str(tmp_path / "m"), "--prompt-ids", ",".join(map(str, prompt)),
+                "--max-new-tokens", "6", "--logprobs", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ids = prompt + out["token_ids"]
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        ref = torch.log_softmax(hf(x, attention_mask=torch.ones_like(x)).logits[0].float(), dim=-1)
+    assert len(out["logprobs"]) == 6
+    for i, entry in enumerate(out["logprobs"]):
+        row = ref[len(prompt) - 1 + i]
+        top = torch.topk(row, 3)
+        assert entry["token_id"] == out["token_ids"][i] == top.indices[0].item()
+        assert abs(entry["logprob"] - row[entry["token_id"]].item()) < 1e-4
+        assert [t["token_id"] for t in entry["top_logprobs"]] == top.indices.tolist()
+        assert max(abs(t["logprob"] - v) for t, v in zip(entry["top_logprobs"], top.values.tolist())) < 1e-4

@@ -106,4 +106,5 @@ def test_logprobs_are_the_reference_models_at_every_generated_position(tmp_path)
         assert entry["token_id"] == out["token_ids"][i] == top.indices[0].item()
         assert abs(entry["logprob"] - row[entry["token_id"]].item()) < 1e-4
         assert [t["token_id"] for t in entry["top_logprobs"]] == top.indices.tolist()
-        assert max(abs(t["logprob"] - v) for t, v in zip(entry["top_logprobs"], top.values.tolist())) < 1e-4
+        got = [t["logprob"] for t in entry["top_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(got, top.values.tolist(), strict=True)) < 1e-4

@@ -89,7 +89,7 @@ def ensure_shards(model_dir: Path, cache: Path, nodes: int, weights: str) -> Pat
 
     out = cache / f"tp-{nodes}-{weights}"
     if not (out / "manifest.json").is_file():
-        write_shards(model_dir, out, nodes, None, weights)
+        write_shards(model_dir, out, nodes, None, weights, force=True)  # a partial earlier run
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from edge_node.model import layout
-from edge_node.model.checkpoint import Checkpoint
+from edge_node.model.checkpoint import Checkpoint, check_finite
 from edge_node.model.config import ModelConfig
 from edge_node.model.errors import CheckpointError, EdgefedError
 from edge_node.model.formats import (
@@ -167,8 +167,35 @@ class _Writer:
         return size
 
 
+def prepare_out_dir(out: Path, source: Path, force: bool) -> None:
+    """Create the output directory, refusing the source directory itself, a path that is or lies under a
+    file, and a non-empty directory (whose stale rank files would mix with new ones) unless `force`, which
+    clears what an earlier `edgefed shard` wrote there."""
+    if out.resolve() == source.resolve():
+        raise ShardError(f"--out {out} is the model directory itself: shard into a directory of its own")
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ShardError(f"--out {out} exists and is not empty: choose a new directory or pass --force")
+        for child in out.iterdir():
+            if child.is_dir() and child.name.startswith("rank"):
+                shutil.rmtree(child)
+            elif child.name in (MANIFEST, *_COPIED):
+                child.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgefed-write-test"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise ShardError(f"--out {out}: a parent of it is a file") from None
+    except OSError as e:
+        raise ShardError(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
 def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios: list[float] | None = None,
-                 weights: str = "float32") -> dict:
+                 weights: str = "float32", force: bool = False) -> dict:
     """Shard a checkpoint for `nodes` ranks, reading one layer at a time; returns the manifest."""
     if weights not in WEIGHTS:
         raise ShardError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
@@ -177,7 +204,7 @@ def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios:
     plan = make_plan(cfg, nodes, ratios)
     ckpt = Checkpoint(model_dir)
     validate(ckpt, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out, model_dir, force)
     w = _Writer(out)
 
     def get(name: str) -> torch.Tensor:
@@ -240,8 +267,11 @@ def _write_rank0_extras(w: _Writer, ckpt: Checkpoint, cfg: ModelConfig, weights:
 
 def _rows(ckpt: Checkpoint, name: str, v0: int, v1: int) -> torch.Tensor:
     """Rows [v0, v1) of a source tensor as float32, read through a short-lived mapping."""
-    with safe_open(str(ckpt.tensors[name].file), framework="pt") as f:
-        return f.get_slice(name)[v0:v1].to(torch.float32).contiguous()
+    file = ckpt.tensors[name].file
+    with safe_open(str(file), framework="pt") as f:
+        rows = f.get_slice(name)[v0:v1]
+    check_finite(rows, f"{name}[{v0}:{v1}]", file)
+    return rows.to(torch.float32).contiguous()
 
 
 @dataclass(frozen=True)
@@ -266,25 +296,29 @@ class Manifest:
 
     @classmethod
     def load(cls, shard_dir: str | Path) -> Manifest:
+        """Read and check a manifest against itself (plan, layers, vocab chunks) and the files on disk."""
         d = Path(shard_dir)
         path = d / MANIFEST
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ShardError(f"{path}: not found (is {d} a directory written by `edgefed shard`?)") from None
-        except json.JSONDecodeError as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ShardError(f"{path}: not valid JSON ({e})") from None
-        if raw.get("format") != FORMAT:
-            raise ShardError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
-        files = tuple(ShardFile(d / f["path"], f["rank"], f["kind"], f["bytes"], f["sha256"],
-                                f["layers"][0] if "layers" in f else None,
-                                tuple(f["vocab"]) if "vocab" in f else None) for f in raw["files"])
-        missing = [str(f.path) for f in files if not f.path.is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: lists missing shard file(s) {', '.join(missing[:5])}")
-        slices = tuple(RankSlice(p["rank"], tuple(p["kv_heads"]), tuple(p["mlp"])) for p in raw["plan"])
-        return cls(d, raw["nodes"], raw["weights"], ModelConfig.from_dict(raw["config"], str(path)),
-                   TPPlan(tuple(raw["ratios"]), slices), files)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else raw
+            raise ShardError(f"{path}: format {found!r}, expected {FORMAT!r}")
+        for key, kind in (("nodes", int), ("weights", str), ("ratios", list), ("plan", list), ("config", dict),
+                          ("files", list)):
+            if not isinstance(raw.get(key), kind) or isinstance(raw.get(key), bool):
+                raise ShardError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+        if raw["weights"] not in WEIGHTS:
+            raise ShardError(f"{path}: field 'weights' is {raw['weights']!r}, expected one of {', '.join(WEIGHTS)}")
+        cfg = ModelConfig.from_dict(raw["config"], f"{path} (config)")
+        plan = _check_plan(raw, cfg, path)
+        files = tuple(_shard_file(d, f, path, i) for i, f in enumerate(raw["files"]))
+        _check_files(files, cfg, plan.nodes, path)
+        return cls(d, raw["nodes"], raw["weights"], cfg, plan, files)
 
     def rank_files(self, rank: int, kind: str) -> list[ShardFile]:
         found = [f for f in self.files if f.rank == rank and f.kind == kind]
@@ -293,6 +327,54 @@ class Manifest:
     def stream_files(self, rank: int) -> list[ShardFile]:
         """What rank `rank` streams per token, in order: its layers, then (rank 0) the head chunks."""
         return self.rank_files(rank, "layer") + self.rank_files(rank, "head")
+
+
+def _check_plan(raw: dict, cfg: ModelConfig, path: Path) -> TPPlan:
+    """The manifest's plan must be the one its config, node count and ratios give (an edited `nodes` or
+    plan would otherwise run part of the model)."""
+    try:
+        ratios = [float(r) for r in raw["ratios"]]
+        want = make_plan(cfg, raw["nodes"], ratios)
+        got = tuple(RankSlice(int(p["rank"]), tuple(p["kv_heads"]), tuple(p["mlp"])) for p in raw["plan"])
+    except (ShardError, KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{path}: inconsistent 'nodes', 'ratios' and 'plan' ({e})") from None
+    if got != want.slices:
+        raise ShardError(f"{path}: the plan for {len(got)} rank(s) does not match 'nodes' = {raw['nodes']} and "
+                         f"'ratios' = {ratios} (was the manifest edited?)")
+    return want
+
+
+def _shard_file(d: Path, f: object, path: Path, i: int) -> ShardFile:
+    try:
+        layers, vocab = f.get("layers"), f.get("vocab")
+        out = ShardFile(d / str(f["path"]), int(f["rank"]), str(f["kind"]), int(f["bytes"]), str(f["sha256"]),
+                        int(layers[0]) if layers is not None else None,
+                        (int(vocab[0]), int(vocab[1])) if vocab is not None else None)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise ShardError(f"{path}: files[{i}] lacks a valid path, rank, kind, bytes or sha256") from None
+    if not out.path.is_file():
+        raise CheckpointError(f"{path}: lists missing shard file(s) {out.path}")
+    size = out.path.stat().st_size
+    if size != out.bytes:
+        raise CheckpointError(f"{out.path}: {size} bytes on disk, the manifest says {out.bytes}")
+    return out
+
+
+def _check_files(files: tuple[ShardFile, ...], cfg: ModelConfig, nodes: int, path: Path) -> None:
+    """Every rank holds one file per layer; rank 0 also the embeddings and head chunks covering the vocabulary."""
+    for rank in range(nodes):
+        layers = sorted(f.layer for f in files if f.rank == rank and f.kind == "layer")
+        if layers != list(range(cfg.num_layers)):
+            raise ShardError(f"{path}: rank {rank} has layer files {layers}, expected 0..{cfg.num_layers - 1}")
+    chunks = sorted(f.vocab for f in files if f.rank == 0 and f.kind == "head")
+    ends = [0] + [b for _, b in chunks]
+    if [a for a, _ in chunks] != ends[:-1] or ends[-1] != cfg.vocab_size:
+        raise ShardError(f"{path}: rank 0's head chunks {chunks} do not cover the vocabulary [0, {cfg.vocab_size})")
+    if sum(f.rank == 0 and f.kind == "embed" for f in files) != 1:
+        raise ShardError(f"{path}: rank 0 needs exactly one embeddings file")
+    strays = sorted({f.rank for f in files} - set(range(nodes)))
+    if strays:
+        raise ShardError(f"{path}: files for rank(s) {strays} of a {nodes}-node plan")
 
 
 def verify_file(f: ShardFile) -> None:

@@ -6,14 +6,40 @@ import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edge_node.model import SamplingConfig, Tokenizer
 from edge_node.model.generation_config import repetition_penalty
-from edge_node.run_config import DTYPES, RunConfig
 from npu_backends.options import PrefillOptions
+
+if TYPE_CHECKING:  # torch-backed: imported where used, so that `edgefed --help` stays fast
+    from edge_node.model import SamplingConfig, Tokenizer
+    from edge_node.run_config import RunConfig
+
+DTYPES = ("float32", "bfloat16", "float16")  # edge_node.run_config.DTYPES
 
 CHUNKS = (32, 64, 128, 256)
 PROVIDERS = ("cpu", "qnn", "openvino", "vitisai", "coreml")  # npu_backends.providers.PROFILES, without importing ORT
+
+
+def _number(kind: type, test, want: str):
+    """An argparse type: `kind` parsed, then `test` applied; the message names what was expected."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not test(value) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -31,18 +57,18 @@ def add_generation_args(p: argparse.ArgumentParser, model_required: bool = True,
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer.json)")
     src.add_argument("--prompt-ids", type=parse_ids, help="prompt token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature etc.)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=non_negative_float, help="sampling temperature; 0 means greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--top-p", type=probability, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--repetition-penalty", type=float,
+    p.add_argument("--repetition-penalty", type=positive_float,
                    help="penalise tokens already in the sequence (default: generation_config.json's, else 1.0 = off)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="compute dtype (default: float32 for a model, the stored dtype for shards)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--logprobs", type=int, default=0, metavar="K",
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--logprobs", type=non_negative_int, default=0, metavar="K",
                    help="with --json: the top-K log-probabilities at every generated position")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -60,7 +86,11 @@ def add_prefill_args(p: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args: argparse.Namespace, model_dir: str | Path) -> SamplingConfig:
     """CLI flags over the model's generation_config.json defaults (its repetition_penalty)."""
-    sampled = not args.greedy and (args.temperature is not None or args.top_k or args.top_p < 1.0)
+    from edge_node.model import SamplingConfig
+
+    # temperature 0 is greedy, as every other tool reads it (not "sample at the default temperature")
+    sampled = not args.greedy and args.temperature != 0 and (args.temperature is not None or args.top_k
+                                                              or args.top_p < 1.0)
     penalty = args.repetition_penalty
     if penalty is None:
         penalty = repetition_penalty(model_dir)
@@ -70,6 +100,8 @@ def sampling_from_args(args: argparse.Namespace, model_dir: str | Path) -> Sampl
 
 def prompt_from_args(args: argparse.Namespace, model_dir: str | Path) -> tuple[list[int], Tokenizer | None]:
     """Prompt ids and the tokenizer (None when ids were given and no tokenizer.json exists)."""
+    from edge_node.model import Tokenizer
+
     model_dir = Path(model_dir)
     if args.prompt is None and args.prompt_ids is None:
         raise ValueError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
@@ -96,6 +128,8 @@ def prefill_from_args(args: argparse.Namespace, context: int) -> PrefillOptions 
 def run_config(args: argparse.Namespace, prompt: list[int], prefill: PrefillOptions | None, *,
                model: str | None = None, shards: str | None = None) -> RunConfig:
     """The one RunConfig of a generation command (every option the user set, in one frozen record)."""
+    from edge_node.run_config import RunConfig
+
     return RunConfig(model=model, shards=shards, prompt_ids=tuple(prompt), max_new_tokens=args.max_new_tokens,
                      sampling=sampling_from_args(args, model or shards), dtype=args.dtype, threads=args.threads,
                      logprobs=args.logprobs, prefill=prefill, window=getattr(args, "window", None),

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (EdgefedError, ValueError, FileNotFoundError) as e:
+    except (EdgefedError, ValueError, OSError) as e:  # deliberate errors and named files: no traceback
         print(f"edgefed {args.command}: error: {e}", file=sys.stderr)
         return 2
 

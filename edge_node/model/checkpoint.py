@@ -8,6 +8,7 @@ truncated or corrupt file is named up front instead of failing deep inside a loa
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -64,7 +65,19 @@ class Checkpoint:
             t = handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
+        check_finite(t, name, info.file)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def check_finite(t: torch.Tensor, name: str, file: Path | str) -> None:
+    """Refuse a weight holding NaN or Inf: it would turn every logit into NaN and generation into silent
+    garbage. A float32 sum propagates any NaN or Inf and streams at memory bandwidth (~16 GB/s here,
+    27 ms for SmolLM2-135M's 432 MB, against ~360 ms for an isfinite mask); only a sum that is not finite
+    pays for the exact count."""
+    if t.is_floating_point() and t.numel() and not math.isfinite(t.sum(dtype=torch.float32)) \
+            and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN or Inf value(s)")

@@ -7,6 +7,7 @@ Reads both the transformers 4.x spelling (rope_theta, rope_scaling) and the 5.x 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,44 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+_MISSING = object()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _get(raw: dict[str, Any], key: str, source: str, kind: str, default: Any = _MISSING, positive: bool = True,
+         where: str = "field") -> Any:
+    """raw[key] checked for JSON type ("int", "float", "bool", "str") and sign, naming the field when wrong.
+
+    None counts as absent (HF configs write null for unset fields).
+    """
+    value = raw.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise ModelConfigError(f"{source}: missing required {where} {key!r}")
+        return default
+    ok = {"int": _is_int(value), "float": _is_int(value) or isinstance(value, float),
+          "bool": isinstance(value, bool), "str": isinstance(value, str)}[kind]
+    if kind == "float" and ok and not math.isfinite(value):
+        ok = False
+    if not ok or (positive and kind in ("int", "float") and value <= 0):
+        want = {"int": "integer", "float": "number", "bool": "true or false", "str": "string"}[kind]
+        sign = "a positive " if positive and kind in ("int", "float") else "a "
+        raise ModelConfigError(f"{source}: {where} {key!r} must be {sign}{want}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
 def _architecture(raw: dict[str, Any], source: str) -> str:
     archs = raw.get("architectures") or []
-    if not archs and raw.get("model_type") in _BY_MODEL_TYPE:
-        archs = [_BY_MODEL_TYPE[raw["model_type"]]]
+    if isinstance(archs, str):
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelConfigError(f"{source}: field 'architectures' must be a list of names, got {archs!r}")
+    model_type = raw.get("model_type")
+    if not archs and isinstance(model_type, str) and model_type in _BY_MODEL_TYPE:
+        archs = [_BY_MODEL_TYPE[model_type]]
     if not archs:
         raise ModelConfigError(f"{source}: missing field 'architectures' (and no known 'model_type')")
     arch = archs[0]
@@ -107,51 +142,55 @@ def _architecture(raw: dict[str, Any], source: str) -> str:
 
 
 def _rope(raw: dict[str, Any], source: str) -> RopeConfig:
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    key = "rope_parameters" if raw.get("rope_parameters") is not None else "rope_scaling"
+    params = raw.get(key) or {}
+    if not isinstance(params, dict):
+        raise ModelConfigError(f"{source}: field {key!r} must be a JSON object, got {params!r}")
+    where = f"field of {key!r}"
+    theta = _get(params, "rope_theta", source, "float", None, where=where)
+    theta = theta if theta is not None else _get(raw, "rope_theta", source, "float", 10000.0)
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in _ROPE_TYPES:
         raise ModelConfigError(f"{source}: rope type {kind!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
     if kind == "default":
         return RopeConfig(theta=theta)
-    try:
-        factor = float(params["factor"])
-    except KeyError:
-        raise ModelConfigError(f"{source}: rope scaling {kind!r} needs field 'factor'") from None
+    factor = _get(params, "factor", source, "float", where=f"field of rope scaling {kind!r}:")
     if kind == "linear":
         return RopeConfig(theta=theta, kind=kind, factor=factor)
-    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-        if key not in params:
-            raise ModelConfigError(f"{source}: rope scaling 'llama3' needs field {key!r}")
+    where = "field of rope scaling 'llama3':"
     return RopeConfig(
         theta=theta,
         kind=kind,
         factor=factor,
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        low_freq_factor=_get(params, "low_freq_factor", source, "float", where=where),
+        high_freq_factor=_get(params, "high_freq_factor", source, "float", where=where),
+        original_max_position_embeddings=_get(params, "original_max_position_embeddings", source, "int",
+                                              where=where),
     )
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
+def _eos_ids(value: Any, source: str) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+    values = value if isinstance(value, list) else [value]
+    if not all(_is_int(v) and v >= 0 for v in values):
+        raise ModelConfigError(f"{source}: field 'eos_token_id' must be a token id or a list of them, got {value!r}")
+    return tuple(values)
 
 
-def _sliding(raw: dict[str, Any], arch: str, layers: int) -> tuple[int | None, tuple[bool, ...]]:
-    window = raw.get("sliding_window")
-    if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
+def _sliding(raw: dict[str, Any], arch: str, layers: int, source: str) -> tuple[int | None, tuple[bool, ...]]:
+    window = _get(raw, "sliding_window", source, "int", None)
+    if arch == "Qwen2ForCausalLM" and not _get(raw, "use_sliding_window", source, "bool", False):
         window = None
     if window is None:
         return None, (False,) * layers
     types = raw.get("layer_types")
-    if types and len(types) == layers:
-        return int(window), tuple(t == "sliding_attention" for t in types)
+    if types and isinstance(types, list) and len(types) == layers:
+        return window, tuple(t == "sliding_attention" for t in types)
     if arch == "Qwen2ForCausalLM":  # older Qwen2 configs: layers from max_window_layers on slide
-        first = int(raw.get("max_window_layers", layers))
-        return int(window), tuple(i >= first for i in range(layers))
-    return int(window), (True,) * layers
+        first = _get(raw, "max_window_layers", source, "int", layers, positive=False)
+        return window, tuple(i >= first for i in range(layers))
+    return window, (True,) * layers
 
 
 def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
@@ -161,37 +200,40 @@ def _parse(raw: dict[str, Any], source: str) -> ModelConfig:
         raise ModelConfigError(f"{source}: missing required field(s) {', '.join(map(repr, missing))}")
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelConfigError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
-    heads = int(raw["num_attention_heads"])
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    heads = _get(raw, "num_attention_heads", source, "int")
+    kv_heads = _get(raw, "num_key_value_heads", source, "int", heads)
     if heads % kv_heads:
         raise ModelConfigError(
             f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
         )
-    hidden = int(raw["hidden_size"])
-    head_dim = int(raw.get("head_dim") or hidden // heads)
-    layers = int(raw["num_hidden_layers"])
-    window, sliding_layers = _sliding(raw, arch, layers)
+    hidden = _get(raw, "hidden_size", source, "int")
+    head_dim = _get(raw, "head_dim", source, "int", hidden // heads)
+    if head_dim % 2:
+        raise ModelConfigError(f"{source}: head_dim {head_dim} must be even (rotary embeddings pair dimensions)")
+    layers = _get(raw, "num_hidden_layers", source, "int")
+    window, sliding_layers = _sliding(raw, arch, layers, source)
     qkv_default, _ = SUPPORTED_ARCHITECTURES[arch]
-    attention_bias = bool(raw.get("attention_bias", False))
+    attention_bias = _get(raw, "attention_bias", source, "bool", False)
+    dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     return ModelConfig(
         architecture=arch,
-        vocab_size=int(raw["vocab_size"]),
+        vocab_size=_get(raw, "vocab_size", source, "int"),
         hidden_size=hidden,
-        intermediate_size=int(raw["intermediate_size"]),
+        intermediate_size=_get(raw, "intermediate_size", source, "int"),
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=_get(raw, "max_position_embeddings", source, "int", 2048),
+        rms_norm_eps=_get(raw, "rms_norm_eps", source, "float", 1e-6),
         rope=_rope(raw, source),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_get(raw, "tie_word_embeddings", source, "bool", False),
         qkv_bias=qkv_default or attention_bias,
         o_bias=attention_bias,
-        mlp_bias=bool(raw.get("mlp_bias", False)),
+        mlp_bias=_get(raw, "mlp_bias", source, "bool", False),
         sliding_window=window,
         sliding_layers=sliding_layers,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_eos_ids(raw.get("eos_token_id")),
-        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+        bos_token_id=_get(raw, "bos_token_id", source, "int", None, positive=False),
+        eos_token_ids=_eos_ids(raw.get("eos_token_id"), source),
+        torch_dtype=str(dtype),
     )

@@ -41,3 +41,7 @@ class PromptError(EdgefedError):
 
 class UsageError(EdgefedError, ValueError):
     """An option or argument cannot be honoured (a bad combination, a value out of range)."""
+
+
+class NonFiniteError(EdgefedError):
+    """Logits turned NaN or Inf during generation (overflow in a low-precision dtype, or corrupt weights)."""

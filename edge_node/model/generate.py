@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import PromptError
+from .errors import NonFiniteError, PromptError
 from .model import Transformer
 from .sampling import Sampler, SamplingConfig
 
@@ -90,6 +90,9 @@ def decode_loop(step: Callable[[list[int], int], torch.Tensor], prompt: list[int
             reason = "context"
             break
         logits = step(ids, pos)
+        if not bool(torch.isfinite(logits).all()):  # NaN would otherwise be "sampled" as token 0 or an EOS
+            raise NonFiniteError(f"the logits at position {pos + len(ids) - 1} are not finite (NaN or Inf) after "
+                                 f"{len(out)} generated token(s): the activations overflowed or a weight is corrupt")
         token = sampler(logits, history)
         times.append(time.perf_counter())
         if logprobs:

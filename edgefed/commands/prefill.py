@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgefed.args import CHUNKS, PROVIDERS, calibration_texts, emit, parse_ids
+from edgefed.args import CHUNKS, PROVIDERS, calibration_texts, emit, parse_ids, positive_int
 
 
 def add_parser(sub) -> None:
@@ -16,9 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument("--provider", choices=PROVIDERS, default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to the CPU")
     p.add_argument("--chunk", type=int, choices=CHUNKS, default=128, help="tokens per static chunk graph")
-    p.add_argument("--context", type=int, help="tokens the graphs hold, a multiple of the chunk "
+    p.add_argument("--context", type=positive_int, help="tokens the graphs hold, a multiple of the chunk "
                    "(past slots = context - chunk; default: the prompt, rounded up)")
-    p.add_argument("--groups", type=int, default=1, help="layer-block subgraphs per chunk")
+    p.add_argument("--groups", type=positive_int, default=1, help="layer-block subgraphs per chunk")
     p.add_argument("--out-of-order", action="store_true", help="schedule subgraphs over accelerator + CPU queues")
     p.add_argument("--int8", action="store_true", help="W8A8 QDQ linear layers, calibrated on the stdlib corpus")
     p.add_argument("--shadow", action="store_true", help="with --int8: shadow outlier execution in float")
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer.json)")
     src.add_argument("--prompt-file", help="file whose text is the prompt")
     src.add_argument("--prompt-ids", type=parse_ids, help="prompt token ids, e.g. 1,2,3")
-    p.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads for torch and ONNX Runtime")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run)
 
@@ -37,7 +37,7 @@ def prompt_ids(args: argparse.Namespace) -> list[int]:
         return args.prompt_ids
     from edge_node.model import Tokenizer
 
-    text = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8")
+    text = args.prompt if args.prompt is not None else _read(Path(args.prompt_file))
     return Tokenizer.from_dir(args.model).encode(text)
 
 
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, torch.float32)
     prompt = prompt_ids(args)
     check_prompt(prompt, model.config.max_position_embeddings, model.config.vocab_size)  # before any export
+    _check_graph_args(args, model.config, len(prompt))
     opts = None
     if args.backend == "ort":
         opts = PrefillOptions(args.chunk, args.context or round_up(len(prompt), args.chunk), args.groups,
@@ -68,3 +69,29 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{out['prefill_tokens_per_s']} tokens/s on {out['provider']}", file=sys.stderr)
     return 0
+
+
+def _check_graph_args(args: argparse.Namespace, cfg, prompt_len: int) -> None:
+    """Context and groups within what the model and chunk allow, named before anything is exported."""
+    from edge_node.model.errors import UsageError
+
+    if args.context is not None:
+        if args.context % args.chunk:
+            raise UsageError(f"--context {args.context} must be a multiple of --chunk {args.chunk}")
+        if args.context > cfg.max_position_embeddings:
+            raise UsageError(f"--context {args.context} exceeds the model's max_position_embeddings "
+                             f"({cfg.max_position_embeddings})")
+        if args.context < prompt_len:
+            raise UsageError(f"--context {args.context} is shorter than the {prompt_len}-token prompt")
+    if args.groups > cfg.num_layers:
+        raise UsageError(f"--groups {args.groups} exceeds the model's {cfg.num_layers} layers")
+
+
+def _read(path: Path) -> str:
+    from edge_node.model.errors import UsageError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--prompt-file {path}: cannot read it as UTF-8 text "
+                         f"({getattr(e, 'strerror', None) or e})") from None

@@ -1,26 +1,27 @@
-"""edgefed's one model definition: HF Llama-family checkpoints, decoder over [start, end), KV cache, sampling."""
+"""edgefed's one model definition: HF Llama-family checkpoints, decoder over [start, end), KV cache, sampling.
 
-from .config import ModelConfig
-from .errors import (
-    CheckpointError,
-    EdgefedError,
-    MissingTensorError,
-    ModelConfigError,
-    PromptError,
-    TensorShapeError,
-    UnexpectedTensorError,
-    UnsupportedArchitectureError,
-    UsageError,
-)
-from .generate import GenerationResult, generate
-from .kv_cache import KVCache
-from .load import load_model
-from .model import Transformer
-from .sampling import Sampler, SamplingConfig
-from .tokenizer import Tokenizer
+Names are imported on first use (PEP 562), so that `import edge_node.model.errors` (which every package's
+errors derive from) and the command line's `--help` do not load torch.
+"""
 
-__all__ = [
-    "CheckpointError", "EdgefedError", "GenerationResult", "KVCache", "MissingTensorError", "ModelConfig",
-    "ModelConfigError", "PromptError", "Sampler", "SamplingConfig", "TensorShapeError", "Tokenizer",
-    "Transformer", "UnexpectedTensorError", "UnsupportedArchitectureError", "UsageError", "generate", "load_model",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "CheckpointError": "errors", "EdgefedError": "errors", "MissingTensorError": "errors",
+    "ModelConfigError": "errors", "NonFiniteError": "errors", "PromptError": "errors",
+    "TensorShapeError": "errors", "UnexpectedTensorError": "errors", "UnsupportedArchitectureError": "errors",
+    "UsageError": "errors", "ModelConfig": "config", "GenerationResult": "generate", "generate": "generate",
+    "KVCache": "kv_cache", "load_model": "load", "Transformer": "model", "Sampler": "sampling",
+    "SamplingConfig": "sampling", "Tokenizer": "tokenizer",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value

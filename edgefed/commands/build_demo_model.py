@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+DEFAULT_MINUTES = 14.0  # emulation.demo_model.DEFAULT_MINUTES (not imported here: it loads torch)
+PRESETS = ("default", "tiny")  # emulation.demo_model.PRESETS
+
 
 def add_parser(sub) -> None:
-    from emulation.demo_model import DEFAULT_MINUTES, PRESETS
-
     parser = sub.add_parser(
         "build-demo-model",
         help="train the embedded demo model on the Python standard library",
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--steps", type=int, default=None, help="stop after this many optimiser steps")
     parser.add_argument("--seed", type=int, default=0, help="seed for init and data order (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=PRESETS, default="default", help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 

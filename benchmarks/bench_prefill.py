@@ -22,7 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, median, random_checkpoint  # noqa: E402
 from edge_node.model import Transformer, load_model  # noqa: E402
 from edgefed.args import calibration_texts  # noqa: E402
-from npu_backends.build import PrefillOptions, calibration_prompts, float_graphs, open_prefill, round_up  # noqa: E402
+from npu_backends.build import (  # noqa: E402
+    PrefillOptions,
+    calibration_prompts,
+    float_graphs,
+    open_prefill,
+    round_up,
+    weights_digest,
+)
 from npu_backends.evaluate import agreement  # noqa: E402
 from npu_backends.export import export_chunk_graphs  # noqa: E402
 from npu_backends.prefill import ChunkedPrefill  # noqa: E402
@@ -130,7 +137,7 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
            "int8_recipe": {"smooth_alpha": SMOOTH_ALPHA, "rotate_block": ROTATE_BLOCK, "float_head": True}}
     root = Path(a.cache) / f"{Path(name).name}-graphs-c{a.chunk}"
     opts = PrefillOptions(a.chunk, context, threads=a.threads)
-    specs = float_graphs(model, opts, root)
+    specs = float_graphs(model, opts, root, weights_digest(model_dir))  # reused while the weights are the same
     variants = {"ORT float32, chunked": specs}
     calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, cfg.vocab_size)
     feeds = record_calibration(model, specs, calib, a.threads)

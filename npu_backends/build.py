@@ -7,6 +7,7 @@ never include it.
 
 from __future__ import annotations
 
+import glob
 import tempfile
 from collections.abc import Iterable
 from dataclasses import replace
@@ -16,7 +17,17 @@ import numpy as np
 
 from edge_node.model import EdgefedError, Transformer
 
-from .export import GraphSpec, export_chunk_graphs, load_specs
+from . import quantize
+from .export import (
+    EXPORT_FORMAT,
+    GraphSpec,
+    export_chunk_graphs,
+    export_provenance,
+    load_specs,
+    read_graphs_json,
+    weights_digest,
+    write_graphs_json,
+)
 from .options import PrefillOptions, round_up
 from .prefill import ChunkedPrefill
 from .providers import make_session
@@ -48,73 +59,150 @@ def calibration_prompts(model_dir: str | Path, texts: Iterable[str], tokens: int
     return [ids[i : i + length] for i in range(0, len(ids), length)]
 
 
-__all__ = ["GraphDirError", "PrefillOptions", "build_prefill", "calibration_prompts", "open_prefill",
-           "open_prefill_dir", "prefill_step", "round_up"]
+__all__ = ["GraphDirError", "PrefillOptions", "build_prefill", "calibration_prompts", "int8_recipe", "open_prefill",
+           "open_prefill_dir", "prefill_step", "round_up", "weights_digest"]
 
 
 class GraphDirError(EdgefedError, ValueError):
-    """A graph directory lacks the exported graphs a run asks for."""
+    """A graph directory lacks the exported graphs a run asks for, or holds graphs built from other weights
+    or with other options than the run's."""
 
 
-def float_graphs(model: Transformer, opts: PrefillOptions, root: Path) -> list[GraphSpec]:
-    """Reuse graphs in root when they match chunk, context and groups; export otherwise."""
+def int8_recipe(opts: PrefillOptions) -> dict:
+    """Everything besides the float graphs that the int8 copies are built with (graphs.json records it per mode):
+    copies built with other settings are rebuilt or refused, not reused. The calibration text is left out: the
+    command line always passes the same corpus spread."""
+    return {"mode": opts.int8_mode, "smooth_alpha": quantize.SMOOTH_ALPHA, "rotate_block": quantize.ROTATE_BLOCK,
+            "quantize_outputs": quantize.QUANTIZE_OUTPUTS, "hot_fraction": opts.hot_fraction,
+            "calib_tokens": opts.calib_tokens}
+
+
+def _read_dir(root: Path) -> tuple[list[GraphSpec], dict] | None:
+    """The graphs root lists and its graphs.json record; None when it has no readable one listing any."""
     try:
-        specs = load_specs(root)
-        if (specs[0].chunk, specs[0].context, len(specs)) == (opts.chunk, opts.context, opts.groups):
+        specs, record = load_specs(root), read_graphs_json(root)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # ValueError: not JSON or not a graph list
+        return None
+    return (specs, record) if specs else None
+
+
+def _drop_int8(root: Path, specs: Iterable[GraphSpec], mode: str | None = None) -> None:
+    """Remove from root the int8 copies (every mode, or one) of the float graphs `specs`: they are of other
+    weights or settings, and a later build must not find them in place of its own. By file name within root,
+    never by the path graphs.json recorded (a copied graph directory records the original's paths)."""
+    for s in specs:
+        for f in root.glob(f"{glob.escape(Path(s.path).stem)}.int8-{mode or ''}*"):
+            f.unlink(missing_ok=True)
+
+
+def float_graphs(model: Transformer, opts: PrefillOptions, root: Path, weights: str | None = None) -> list[GraphSpec]:
+    """Reuse the graphs in root when graphs.json records that they were exported from these weights (the model
+    directory's weights_digest) with these options; export them again otherwise (always when weights is None:
+    graphs of unknown weights are never reused). A new export removes the int8 copies of the graphs it replaces.
+    """
+    found = _read_dir(root)
+    if found is not None:
+        specs, record = found
+        if (weights is not None and record["provenance"] == export_provenance(weights, opts.chunk, opts.context,
+                                                                               opts.groups)
+                and all(Path(s.path).is_file() for s in specs)):
             return specs
-    except (FileNotFoundError, KeyError, IndexError, TypeError):  # TypeError: graphs.json of an older layout
-        pass
-    return export_chunk_graphs(model, root, opts.chunk, opts.context, opts.groups)
+    old = found[0] if found is not None else []
+    specs = export_chunk_graphs(model, root, opts.chunk, opts.context, opts.groups, weights=weights)
+    _drop_int8(root, old + specs)
+    return specs
 
 
 def build_prefill(model: Transformer, model_dir: str | Path, opts: PrefillOptions,
                   calibration: Iterable[str] = ()) -> ChunkedPrefill:
     """Export (and quantize) graphs for `model`, open sessions on the options' provider.
 
+    Graphs already in opts.graph_dir are reused only when they were built from the weights in `model_dir` and
+    with these options (graphs.json's record); otherwise they are rebuilt in place.
     `calibration`: texts the int8 ranges are calibrated on (random ids when empty).
     """
     if opts.graph_dir is None:
-        # Sessions hold their weights in memory once opened, so the graphs need not outlive this call.
+        # Sessions hold their weights in memory once opened, so the graphs need not outlive this call. A fresh
+        # directory holds nothing to reuse, so the weights need no digest.
         with tempfile.TemporaryDirectory(prefix="edgefed-prefill-") as tmp:
-            return build_prefill(model, model_dir, replace(opts, graph_dir=tmp), calibration)
+            return _build(model, model_dir, replace(opts, graph_dir=tmp), calibration, None)
+    return _build(model, model_dir, opts, calibration, weights_digest(model_dir))
+
+
+def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, calibration: Iterable[str],
+           weights: str | None) -> ChunkedPrefill:
     root = Path(opts.graph_dir)
-    specs = float_graphs(model, opts, root)
+    specs = float_graphs(model, opts, root, weights)
     if opts.int8:
-        cached, missing = _int8_specs(specs, opts.int8_mode)
-        if missing:
+        recipe = int8_recipe(opts)
+        cached, missing = _int8_specs(specs, recipe)
+        if missing or read_graphs_json(root)["int8"].get(opts.int8_mode) != recipe:
+            _drop_int8(root, specs, opts.int8_mode)  # copies of this mode built with another recipe
             prompts = calibration_prompts(model_dir, calibration, opts.calib_tokens, opts.context,
                                           model.config.vocab_size)
             feeds = record_calibration(model, specs, prompts, opts.threads)
-            cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction)
+            cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction, recipe["smooth_alpha"],
+                                recipe["rotate_block"])
+            record = read_graphs_json(root)
+            record["int8"][opts.int8_mode] = recipe
+            write_graphs_json(root, record)
         specs = cached
     return open_prefill(model, specs, opts)
 
 
-def _int8_specs(specs: list[GraphSpec], mode: str) -> tuple[list[GraphSpec], list[str]]:
+def _int8_specs(specs: list[GraphSpec], recipe: dict) -> tuple[list[GraphSpec], list[str]]:
     """The int8 copies of float `specs` (where build_int8 writes them) and the names of those not built yet."""
-    paths = [int8_path(s.path, mode) for s in specs]
+    paths = [int8_path(s.path, recipe["mode"], recipe["smooth_alpha"], recipe["rotate_block"]) for s in specs]
     missing = [p.name for p in paths if not p.is_file()]
     return [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)], missing
 
 
-def open_prefill_dir(model: Transformer, opts: PrefillOptions) -> ChunkedPrefill:
+def _differences(found: dict | None, want: dict) -> str:
+    if not found:
+        return "no record of them"
+    return ", ".join(f"{k} {found.get(k)!r} (now {v!r})" for k, v in want.items() if found.get(k) != v)
+
+
+def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: str | None = None) -> ChunkedPrefill:
     """Open graphs an earlier `edgefed prefill --graph-dir` exported (and quantized); export nothing.
 
     For runtimes that do not hold the whole checkpoint, such as a tensor-parallel rank 0: `model`
     only needs the config and rotary table (a Transformer without blocks will do).
+    expected_digest: weights_digest of the model directory the run's weights come from; GraphDirError when the
+    graphs record another. None checks only that the graphs record their provenance, in this edgefed's export
+    format, and (with int8) that the int8 copies were built with the run's settings.
     """
     root = Path(opts.graph_dir or "")
-    try:
-        specs = load_specs(root)
-    except (FileNotFoundError, KeyError, TypeError):
+    found = _read_dir(root)
+    if found is None:
         raise GraphDirError(f"{root}: no exported chunk graphs (graphs.json); export them first with "
-                         f"`edgefed prefill --model DIR --graph-dir {root} --chunk N --context T`") from None
+                            f"`edgefed prefill --model DIR --graph-dir {root} --chunk N --context T`")
+    specs, record = found
+    groups = f" --groups {len(specs)}" if len(specs) > 1 else ""
+    again = (f"re-export them with `edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} "
+             f"--context {specs[0].context}{groups}`")
+    prov = record["provenance"]
+    if prov is None:
+        raise GraphDirError(f"{root}: the chunk graphs there do not record what they were exported from "
+                            f"(an older edgefed exported them), so they may be of other weights; {again}")
+    if prov.get("format") != EXPORT_FORMAT:
+        raise GraphDirError(f"{root}: chunk graphs of export format {prov.get('format')!r}, this edgefed "
+                            f"reads format {EXPORT_FORMAT}; {again}")
+    if expected_digest is not None and prov.get("weights") != expected_digest:
+        raise GraphDirError(f"{root}: the chunk graphs there were exported from other weights (digest "
+                            f"{str(prov.get('weights'))[:12]}, the model's is {expected_digest[:12]}); {again}")
     if opts.int8:
-        specs, missing = _int8_specs(specs, opts.int8_mode)
+        recipe = int8_recipe(opts)
+        rebuild = (f"`edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} --context "
+                   f"{specs[0].context}{groups} --int8{' --shadow' if opts.shadow else ''}`")
+        specs, missing = _int8_specs(specs, recipe)
         if missing:
             raise GraphDirError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "
-                             f"`edgefed prefill --model DIR --graph-dir {root} --int8"
-                             f"{' --shadow' if opts.shadow else ''}`")
+                                f"{rebuild}")
+        built = record["int8"].get(opts.int8_mode)
+        if built != recipe:
+            raise GraphDirError(f"{root}: the int8 ({opts.int8_mode}) graphs there were built with other settings "
+                                f"({_differences(built, recipe)}); rebuild them with {rebuild}")
     return open_prefill(model, specs, replace(opts, chunk=specs[0].chunk, context=specs[0].context))
 
 

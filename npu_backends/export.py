@@ -17,12 +17,17 @@ Outputs: hidden (1, N, hidden) or, for the last group, logits (1, 1, vocab); and
 present_k_{i}, present_v_{i} (1, Hkv, N, D), the chunk's own K/V, which the host writes
 into its cache. Layer groups [a, b) give the per-block subgraphs the scheduler runs.
 Attention and the mask stay ordinary float ops, so quantization can leave them alone.
+
+graphs.json, beside the graphs, lists them and records what they were built from (their
+provenance): a digest of the checkpoint's files (weights_digest) and the export options.
+A graph directory is reused only while that record matches the model and options at hand.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -35,10 +40,15 @@ from torch import nn
 
 from edge_node.model import Transformer, layout
 from edge_node.model.errors import UsageError
+from edge_node.model.formats import weights_digest  # noqa: F401  (re-exported for callers of export)
 from edge_node.model.rope import apply_rotary
 
 CHUNK_SIZES = (32, 64, 128, 256)
 OPSET = 17
+# Version of the exported graphs and graphs.json: bump it whenever a change here (inputs, outputs, the math of a
+# layer) makes graphs exported earlier wrong for this code, so that they are rebuilt rather than reused.
+EXPORT_FORMAT = 1
+GRAPHS_JSON = "graphs.json"
 
 
 @dataclass(frozen=True)
@@ -213,11 +223,22 @@ def split_layers(num_layers: int, groups: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+def export_provenance(weights: str | None, chunk: int, context: int, groups: int, all_logits: bool = False) -> dict:
+    """What graphs exported with these arguments are built from, as graphs.json records it.
+
+    weights: weights_digest of the model's directory, None when unknown (such graphs are never reused for a
+    model whose digest is known). groups is the count asked for (split_layers may make fewer).
+    """
+    return {"format": EXPORT_FORMAT, "weights": weights,
+            "export": {"chunk": chunk, "context": context, "groups": groups, "all_logits": all_logits}}
+
+
 def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, context: int,
-                        groups: int = 1, all_logits: bool = False) -> list[GraphSpec]:
+                        groups: int = 1, all_logits: bool = False, weights: str | None = None) -> list[GraphSpec]:
     """Export the model as `groups` layer-block subgraphs at chunk size `chunk`, for prompts up to `context` tokens.
 
     all_logits: the last group returns every row's logits (for evaluation) instead of one row's.
+    weights: the model directory's weights_digest, recorded in graphs.json (None: unknown).
     """
     if chunk not in CHUNK_SIZES:
         raise UsageError(f"chunk {chunk} is not one of the supported sizes {CHUNK_SIZES}")
@@ -227,6 +248,9 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
         raise UsageError(f"context {context} must be a positive multiple of the chunk {chunk}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The graphs are rewritten in place: drop the record first, so an export cut short leaves a directory that
+    # reads as "no graphs" rather than one whose record describes files it no longer holds.
+    (out / GRAPHS_JSON).unlink(missing_ok=True)
     cfg = model.config
     windows = tuple(sorted({cfg.window_for_layer(i) for i in range(cfg.num_layers)}, key=lambda w: w or 0))
     specs = []
@@ -237,10 +261,39 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
                          chunk, context, context - chunk, a == 0, b == cfg.num_layers, windows, all_logits)
         export_group(model, spec)
         specs.append(spec)
-    (out / "graphs.json").write_text(json.dumps([asdict(s) for s in specs], indent=1))
+    write_graphs_json(out, {"provenance": export_provenance(weights, chunk, context, groups, all_logits),
+                            "graphs": [asdict(s) for s in specs], "int8": {}})
     return specs
 
 
+def read_graphs_json(out_dir: str | Path) -> dict:
+    """graphs.json as {"provenance": dict | None, "graphs": [GraphSpec fields], "int8": {mode: recipe}}.
+
+    A bare list (the layout before provenance was recorded) reads with provenance None.
+    Raises FileNotFoundError, or ValueError when the file is not such a record.
+    """
+    raw = json.loads((Path(out_dir) / GRAPHS_JSON).read_text())
+    if isinstance(raw, list):
+        return {"provenance": None, "graphs": raw, "int8": {}}
+    if not isinstance(raw, dict) or not isinstance(raw.get("graphs"), list):
+        raise ValueError(f"{Path(out_dir) / GRAPHS_JSON}: not a graph list")
+    provenance = raw.get("provenance")
+    return {"provenance": provenance if isinstance(provenance, dict) else None, "graphs": raw["graphs"],
+            "int8": raw.get("int8") if isinstance(raw.get("int8"), dict) else {}}
+
+
+def write_graphs_json(out_dir: str | Path, record: dict) -> None:
+    """Replace graphs.json atomically (readers see the old record or the new one, never a partial file)."""
+    path = Path(out_dir) / GRAPHS_JSON
+    tmp = path.with_name(f".{GRAPHS_JSON}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
 def load_specs(out_dir: str | Path) -> list[GraphSpec]:
-    raw = json.loads((Path(out_dir) / "graphs.json").read_text())
-    return [GraphSpec(**{**r, "windows": tuple(r["windows"])}) for r in raw]
+    return [GraphSpec(**{**r, "windows": tuple(r["windows"])}) for r in read_graphs_json(out_dir)["graphs"]]
+
+
+def load_provenance(out_dir: str | Path) -> dict | None:
+    """The provenance graphs.json records (None for graphs exported before it was recorded)."""
+    return read_graphs_json(out_dir)["provenance"]

@@ -199,3 +199,28 @@ def check_sha256(path: str | Path, got: str, expected: str) -> None:
 def verify_sha256(path: Path, expected: str) -> None:
     """Hash a whole file and compare (files streamed by the window verify as they are read instead)."""
     check_sha256(path, sha256_file(path), expected)
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """sha256 over what a model directory's weights are: config.json's bytes and, per *.safetensors file (and
+    the sharded index), its name, size and the sha256 of its contents.
+
+    Hashing the files rather than the loaded tensors: it needs no model in memory (a caller holding a shard
+    directory or only a path can compute it), is independent of the dtype and the (packed) layout the runtime
+    loads into, and equals the digest of any byte-identical copy of the checkpoint. It reads every weight byte
+    once per call (measured on a loaded 2-core x86 VM: 10-30 ms for the 13 MB demo model, 0.45-0.55 s for
+    500 MiB from the page cache, 1.1 s from disk), small beside loading or exporting such a model, and callers
+    hash right after load_model read the same files. Names, sizes or mtimes alone would miss what this guards
+    against: a fine-tuned copy of the same shapes written over the checkpoint.
+    """
+    d = Path(model_dir)
+    config = d / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{config}: not found")
+    h = hashlib.sha256(b"edgefed-weights-1\0")
+    h.update(hashlib.sha256(config.read_bytes()).digest())
+    index = d / "model.safetensors.index.json"
+    files = sorted(d.glob("*.safetensors")) + ([index] if index.is_file() else [])
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()

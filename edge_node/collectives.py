@@ -9,9 +9,13 @@ alternative (`--allreduce gloo`). Every wait has a timeout; a rank that never jo
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import socket
 import time
 from datetime import timedelta
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -30,23 +34,69 @@ def _first_line(e: Exception, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-class Comm:
-    """One rank's view of the group: allreduce, broadcast, gather, each timed (comm_s) and bounded."""
+def route_interface(host: str) -> str:
+    """The name of the local interface the kernel would use to reach `host` (a name or an IPv4 address).
 
-    def __init__(self, rank: int, world: int, master: str, timeout_s: float = 60.0, allreduce: str = "star"):
+    A UDP socket's connect() sends nothing: it only asks the kernel for a route, after which getsockname()
+    is the source address that route uses; that address is then looked up among the local interfaces.
+    """
+    try:
+        addr = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+    except (OSError, UnicodeError, IndexError) as e:
+        raise CommError(f"cannot resolve {host!r} to an IPv4 address: {_first_line(e)}") from None
+    if ipaddress.IPv4Address(addr).is_loopback:
+        return "lo"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))  # any port: nothing is sent
+            local = s.getsockname()[0]
+    except OSError as e:
+        raise CommError(f"no route to {host!r} ({addr}): {_first_line(e)}") from None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addrs):
+            return name
+    raise CommError(f"the route to {host!r} ({addr}) leaves from {local}, which no local interface holds")
+
+
+class Comm:
+    """One rank's view of the group: allreduce, broadcast, gather, each timed (comm_s) and bounded.
+
+    For more than one rank, gloo talks over `iface` if given, else over the interface that routes to the
+    master's host (unless GLOO_SOCKET_IFNAME is already set), instead of the one the hostname resolves to.
+    """
+
+    def __init__(self, rank: int, world: int, master: str, timeout_s: float = 60.0, allreduce: str = "star",
+                 iface: str | None = None):
         if allreduce not in ALLREDUCE:
             raise UsageError(f"--allreduce must be one of {', '.join(ALLREDUCE)}, got {allreduce!r}")
         self.rank, self.world, self.mode = rank, world, allreduce
         self.timeout = timedelta(seconds=timeout_s)
         self.comm_s = 0.0
+        self.iface: str | None = None
         if world == 1:
             return
+        names = sorted(psutil.net_if_addrs())
+        if iface is not None and iface not in names:
+            raise CommError(f"--iface {iface!r}: no such network interface here (there are: {', '.join(names)})")
+        user_env = os.environ.get("GLOO_SOCKET_IFNAME")
+        if iface is None and user_env:
+            self.iface = user_env  # the user's own choice stands
+        else:
+            host = master.rpartition(":")[0].strip("[]") if ":" in master else master
+            self.iface = iface or route_interface(host or "127.0.0.1")
+            # torch's init_process_group("gloo") ignores pg_options: the gloo group it builds takes its device
+            # from GLOO_SOCKET_IFNAME (else from the hostname's resolution), so the environment variable is the
+            # one supported way in. Set in this process only, and left set so that any later gloo group
+            # (new_group, monitored_barrier) uses the same interface. Only an explicit --iface replaces a value
+            # the user set; the routed default never does.
+            os.environ["GLOO_SOCKET_IFNAME"] = self.iface
         try:
             dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world,
                                     timeout=self.timeout)
         except (RuntimeError, dist.DistError) as e:
             raise CommError(f"rank {rank}: the group of {world} ranks at {master} did not form within "
-                            f"{timeout_s:g} s (is every rank started, with the same --master-addr?): "
+                            f"{timeout_s:g} s over interface {self.iface} (is every rank started, with the same "
+                            f"--master-addr? is --iface right?): "
                             f"{_first_line(e)}") from None
 
     def _wait(self, work, what: str) -> None:

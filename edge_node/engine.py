@@ -19,9 +19,9 @@ from safetensors import safe_open
 
 from edge_node.collectives import Comm
 from edge_node.memory import ShardReader, SlidingWindow, own_peak_rss_mb, window_for_budget
+from edge_node.model.decode import GenerationResult, check_prompt, decode_loop
 from edge_node.model.errors import UsageError
 from edge_node.model.formats import TORCH_NAMES
-from edge_node.model.generate import GenerationResult, check_prompt, decode_loop
 from edge_node.model.generation_config import eos_ids
 from edge_node.model.kv_cache import kv_bytes_per_token
 from edge_node.model.load import build_block
@@ -84,7 +84,8 @@ class RankEngine:
         if run.prefill is not None and self.rank == 0:  # graphs exported ahead; the model: config + rotary
             from npu_backends.build import open_prefill_dir
 
-            self.prefill = open_prefill_dir(self.model, run.prefill)
+            # graphs exported from another checkpoint (a fine-tuned copy, same shapes) are refused
+            self.prefill = open_prefill_dir(self.model, run.prefill, expected_digest=m.weights_digest)
         self.prefill_report: dict = {}
 
     def _window(self, blocks: int) -> int | None:
@@ -220,14 +221,15 @@ class RankEngine:
 
 
 def run_rank(run: RunConfig, rank: int = 0, master: str = "127.0.0.1:29500", keep_logits: bool = False,
-             comm: Comm | None = None) -> dict | None:
-    """Run one rank of `run` to completion; rank 0 returns the result dict, the others None."""
+             comm: Comm | None = None, iface: str | None = None) -> dict | None:
+    """Run one rank of `run` to completion; rank 0 returns the result dict, the others None. `iface` is the
+    network interface gloo uses (default: the one that routes to the master); ignored when `comm` is given."""
     if run.shards is None:
         raise UsageError("a tensor-parallel run needs a shard directory")
     if run.threads:
         torch.set_num_threads(run.threads)
     own_comm = comm is None
-    comm = comm or Comm(rank, Manifest.load(run.shards).nodes, master, run.timeout_s, run.allreduce)
+    comm = comm or Comm(rank, Manifest.load(run.shards).nodes, master, run.timeout_s, run.allreduce, iface=iface)
     engine = None
     try:
         engine = RankEngine(run, comm, len(run.prompt_ids) + run.max_new_tokens)

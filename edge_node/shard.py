@@ -32,6 +32,7 @@ from edge_node.model.formats import (
     sha256_file,
     torch_name,
     verify_sha256,
+    weights_digest,
     write_streaming,
     write_tensors,
 )
@@ -228,6 +229,7 @@ def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios:
         "format": FORMAT, "nodes": nodes, "ratios": list(plan.ratios), "weights": weights,
         "plan": [{"rank": s.rank, "kv_heads": list(s.kv_heads), "mlp": list(s.mlp)} for s in plan.slices],
         "config": json.loads((model_dir / "config.json").read_text()), "files": w.files,
+        "weights_digest": weights_digest(model_dir),  # what ONNX graphs exported from the source must match
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -293,6 +295,7 @@ class Manifest:
     config: ModelConfig
     plan: TPPlan
     files: tuple[ShardFile, ...]
+    weights_digest: str | None = None  # formats.weights_digest of the source checkpoint (None: older shards)
 
     @classmethod
     def load(cls, shard_dir: str | Path) -> Manifest:
@@ -318,7 +321,8 @@ class Manifest:
         plan = _check_plan(raw, cfg, path)
         files = tuple(_shard_file(d, f, path, i) for i, f in enumerate(raw["files"]))
         _check_files(files, cfg, plan.nodes, path)
-        return cls(d, raw["nodes"], raw["weights"], cfg, plan, files)
+        digest = raw.get("weights_digest")
+        return cls(d, raw["nodes"], raw["weights"], cfg, plan, files, digest if isinstance(digest, str) else None)
 
     def rank_files(self, rank: int, kind: str) -> list[ShardFile]:
         found = [f for f in self.files if f.rank == rank and f.kind == kind]

@@ -12,7 +12,7 @@ _WHERE = {
     "CheckpointError": "errors", "EdgefedError": "errors", "MissingTensorError": "errors",
     "ModelConfigError": "errors", "NonFiniteError": "errors", "PromptError": "errors",
     "TensorShapeError": "errors", "UnexpectedTensorError": "errors", "UnsupportedArchitectureError": "errors",
-    "UsageError": "errors", "ModelConfig": "config", "GenerationResult": "generate", "generate": "generate",
+    "UsageError": "errors", "ModelConfig": "config", "GenerationResult": "decode", "generate": "decode",
     "KVCache": "kv_cache", "load_model": "load", "Transformer": "model", "Sampler": "sampling",
     "SamplingConfig": "sampling", "Tokenizer": "tokenizer",
 }

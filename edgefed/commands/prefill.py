@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edge_node.memory import own_peak_rss_mb
     from edge_node.model import load_model
-    from edge_node.model.generate import check_prompt
+    from edge_node.model.decode import check_prompt
     from npu_backends.measure import measure_prefill
     from npu_backends.options import PrefillOptions, round_up
 

@@ -9,7 +9,11 @@ it runs just that rank, for groups that span hosts, from its own flags or `--run
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,24 +21,38 @@ import threading
 import time
 from pathlib import Path
 
-from edgefed.args import add_generation_args, add_prefill_args, emit, prefill_from_args, prompt_from_args, run_config
+from edgefed.args import (
+    add_generation_args,
+    add_prefill_args,
+    emit,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    prefill_from_args,
+    prompt_from_args,
+    run_config,
+)
 
 _POLL_S = 0.05
+_SYMPTOMS = ("a rank is gone or stalled", "Connection reset by peer", "Connection closed by peer")
+_STOP_S = 5.0  # a rank gets this long to end after SIGTERM before SIGKILL
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tp-generate", help="tensor-parallel generation across ranks, streaming layer blocks")
     p.add_argument("--shards", required=True, help="directory written by `edgefed shard`")
-    p.add_argument("--nodes", type=int, help="ranks (default and only allowed value: the manifest's)")
+    p.add_argument("--nodes", type=positive_int, help="ranks (default and only allowed value: the manifest's)")
     mem = p.add_mutually_exclusive_group()
-    mem.add_argument("--window", type=int, help="layer blocks resident per rank (default: all)")
-    mem.add_argument("--memory-mb", type=float, help="per-rank memory budget; the window is derived from it")
+    mem.add_argument("--window", type=positive_int, help="layer blocks resident per rank (default: all)")
+    mem.add_argument("--memory-mb", type=positive_float, help="per-rank memory budget; the window is derived from it")
     p.add_argument("--allreduce", choices=["star", "gloo"], default="star")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds any rank waits on the others")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds any rank waits on the others")
     p.add_argument("--drop-page-cache", action="store_true",
                    help="evict shard pages after each read, so every pass reads from disk")
-    p.add_argument("--rank", type=int, help="run only this rank (needs --master-addr)")
+    p.add_argument("--rank", type=non_negative_int, help="run only this rank (needs --master-addr)")
     p.add_argument("--master-addr", help="HOST:PORT of rank 0's rendezvous")
+    p.add_argument("--iface", help="network interface the ranks talk over (default: the one that routes to "
+                   "--master-addr)")
     p.add_argument("--run-config", help="with --rank: the run configuration as JSON in a file, or - for stdin "
                    "(what the local launcher passes; the generation flags are then ignored)")
     add_generation_args(p, model_required=False, prompt_required=False)  # a prompt or --run-config
@@ -72,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
+    from edge_node.collectives import CommError
     from edge_node.engine import run_rank
     from edge_node.run_config import RunConfig
 
@@ -80,7 +99,13 @@ def _run_rank(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_json(text)
     else:
         cfg = config_from_args(args)
-    result = run_rank(cfg, args.rank, args.master_addr)
+    try:
+        result = run_rank(cfg, args.rank, args.master_addr, iface=args.iface)
+    except CommError as e:
+        # A peer is gone: the group cannot be torn down cleanly (gloo's destructors abort the process), so
+        # report and leave now with the usual exit status.
+        print(f"edgefed tp-generate: error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
     if result is not None:
         _output(args, result)
     return 0
@@ -115,11 +140,12 @@ def _child_argv(args: argparse.Namespace, rank: int, master: str) -> list[str]:
 
 def _launch(args: argparse.Namespace, cfg, nodes: int) -> int:
     """Start every rank locally, each handed the one configuration; drain their output while they run
-    (a rank blocked on a full pipe would hang the group). The first rank to fail ends the others."""
+    (a rank blocked on a full pipe would hang the group). The first rank to fail ends the others; SIGTERM
+    or SIGINT to the launcher ends every rank within _STOP_S."""
     master = f"127.0.0.1:{free_port()}"
     text = cfg.to_json()
     procs = [subprocess.Popen(_child_argv(args, r, master), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(nodes)]
+                              stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent) for r in range(nodes)]
     outs: list[tuple[str, str]] = [("", "")] * nodes
 
     def drain(r: int) -> None:
@@ -128,23 +154,78 @@ def _launch(args: argparse.Namespace, cfg, nodes: int) -> int:
     threads = [threading.Thread(target=drain, args=(r,), daemon=True) for r in range(nodes)]
     for t in threads:
         t.start()
-    failed = None
-    while failed is None and any(p.poll() is None for p in procs):
-        failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-        time.sleep(_POLL_S)
-    failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.returncode), None)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
+    with _stop_ranks_on_signal(procs):
+        order = _wait_first_failure(procs)
+    _stop(procs)
     for t in threads:
         t.join()
-    if failed is not None:
-        # The first rank to exit may only have seen a peer vanish: name every rank's own error.
-        for r, (_, err) in enumerate(outs):
-            lines = [ln for ln in err.strip().splitlines() if "error" in ln.lower()] or err.strip().splitlines()
-            if procs[r].returncode not in (0, None) and lines:
-                print(f"edgefed tp-generate: rank {r}: {lines[-1]}", file=sys.stderr)
-        return procs[failed].returncode or 2
+    if order:
+        # ranks the launcher stopped may hold the real cause (still tearing down when a peer exited first)
+        order += [r for r, p in enumerate(procs) if r not in order and p.returncode and "error" in outs[r][1].lower()]
+        for r in _causes_first(order, outs):  # the first cause first
+            print(f"edgefed tp-generate: {_cause(r, procs[r].returncode, outs[r][1])}", file=sys.stderr)
+        return 2
     _output(args, json.loads(outs[0][0]))
     sys.stderr.write(outs[0][1])
     return 0
+
+
+def _wait_first_failure(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait until every rank exits or one fails; the failed ranks in the order they were seen failing."""
+    order: list[int] = []
+    while any(p.poll() is None for p in procs):
+        order += [r for r, p in enumerate(procs) if p.poll() not in (None, 0) and r not in order]
+        if order:
+            break
+        time.sleep(_POLL_S)
+    return order + [r for r, p in enumerate(procs) if p.poll() not in (None, 0) and r not in order]
+
+
+def _causes_first(order: list[int], outs: list[tuple[str, str]]) -> list[int]:
+    """Ranks that failed on their own before ranks that only saw a peer vanish (both can end within one
+    poll): the first cause leads the report."""
+    return sorted(order, key=lambda r: any(s in outs[r][1] for s in _SYMPTOMS))
+
+
+def _cause(rank: int, code: int | None, err: str) -> str:
+    """One line naming the rank, how it ended and its own last error line."""
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
+    lines = [ln for ln in err.strip().splitlines() if "error" in ln.lower()] or err.strip().splitlines()
+    return f"rank {rank} ({how})" + (f": {lines[-1]}" if lines else "")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every rank still running, SIGKILL what is left after _STOP_S."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + _STOP_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@contextlib.contextmanager
+def _stop_ranks_on_signal(procs: list[subprocess.Popen]):
+    """SIGTERM / SIGINT to the launcher stop every rank, then the launcher exits 128 + the signal."""
+    def handler(signum, _frame):
+        _stop(procs)
+        os._exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _die_with_parent() -> None:
+    """In each rank (Linux): SIGTERM when the launcher dies, even by SIGKILL, so no rank is left behind."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass

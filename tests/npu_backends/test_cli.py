@@ -36,7 +36,7 @@ def test_strict_with_an_absent_provider_exits_2_naming_it(llama_dir, capsys):
 
 def test_the_generate_hook_prefills_on_ort_and_decodes_the_same_tokens(llama_dir):
     from edge_node.model import SamplingConfig, generate, load_model
-    from edge_node.model.generate import decode_loop
+    from edge_node.model.decode import decode_loop
     from edge_node.model.sampling import Sampler
     from npu_backends.build import prefill_step
     from npu_backends.options import PrefillOptions

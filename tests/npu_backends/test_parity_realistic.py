@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edge_node.model import SamplingConfig, generate, load_model
-from edge_node.model.generate import decode_loop
+from edge_node.model.decode import decode_loop
 from edge_node.model.sampling import Sampler
 from npu_backends.build import prefill_step
 from npu_backends.options import PrefillOptions

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edge_node.model import PromptError, SamplingConfig, generate, load_model
-from edge_node.model.generate import decode_loop
+from edge_node.model.decode import decode_loop
 from edge_node.model.sampling import Sampler
 from npu_backends.export import export_chunk_graphs
 from npu_backends.prefill import ChunkedPrefill, ort_prefill_step, to_kv_cache

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edge_node.model import KVCache, PromptError, Transformer
-from edge_node.model.generate import check_prompt
+from edge_node.model.decode import check_prompt
 from edge_node.model.model import visible
 
 from .export import GraphSpec, _mask_name, load_specs

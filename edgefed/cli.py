@@ -28,11 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _return_freed_memory()
     try:
         return int(args.run(args) or 0)
     except (EdgefedError, ValueError, OSError) as e:  # deliberate errors and named files: no traceback
         print(f"edgefed {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _return_freed_memory() -> None:
+    """Weights freed while loading go back to the OS (edge_node.memory.return_freed_memory): without it a
+    load peaks at ~1.25x the weights' bytes instead of ~1.04x. The module is torch-free to import."""
+    from edge_node.memory import return_freed_memory
+
+    return_freed_memory()
 
 
 if __name__ == "__main__":

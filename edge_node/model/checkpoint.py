@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError
-from .formats import TensorInfo, read_header
+from .formats import TensorInfo, read_header, read_rows, read_tensor
 
 __all__ = ["Checkpoint", "TensorInfo", "read_header"]
 
@@ -28,7 +28,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for path in self._files():
             self.tensors.update(read_header(path))
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
 
     def _files(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -54,22 +54,42 @@ class Checkpoint:
         return set(self.tensors)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `name` in memory of its own (read, not mapped), checked finite, in `dtype` if given."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            try:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{info.file}: cannot open as safetensors ({e})") from None
+        fd = self._fd(info.file)
         try:
-            t = handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
+            t = read_tensor(info, fd)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
         check_finite(t, name, info.file)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
+    def read_into(self, name: str, out: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+        """Fill `out` (same shape, any layout: e.g. a column-major head) with tensor `name`, a block of
+        rows at a time, so no second whole copy of a big table exists while it is laid out."""
+        info = self.tensors[name]
+        if tuple(out.shape) != info.shape:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, not {list(out.shape)}")
+        fd = self._fd(info.file)
+        for r0 in range(0, info.shape[0], rows):
+            part = read_rows(info, fd, r0, min(r0 + rows, info.shape[0]))
+            check_finite(part, f"{name}[{r0}:]", info.file)
+            out[r0: r0 + part.shape[0]] = part
+        return out
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            try:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot open ({e.strerror})") from None
+        return fd
+
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def check_finite(t: torch.Tensor, name: str, file: Path | str) -> None:

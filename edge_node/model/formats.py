@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int = 0  # data offsets, relative to the start of the data section
     end: int = 0
+    data_start: int = 0  # where the data section starts in the file (8 + header length)
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +66,7 @@ class TensorInfo:
         return n
 
 
-def _check_header(header: object, path: Path, data_bytes: int) -> dict[str, TensorInfo]:
+def _check_header(header: object, path: Path, data_bytes: int, data_start: int) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     out: dict[str, TensorInfo] = {}
@@ -79,7 +81,7 @@ def _check_header(header: object, path: Path, data_bytes: int) -> dict[str, Tens
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
                 and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise CheckpointError(f"{path}: tensor {name!r} has a corrupt shape or data_offsets")
-        info = TensorInfo(path, dtype, tuple(shape), offsets[0], offsets[1])
+        info = TensorInfo(path, dtype, tuple(shape), offsets[0], offsets[1], data_start)
         if info.end - info.begin != info.nbytes or info.begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r} offsets disagree with its shape {list(shape)}")
         if info.end > data_bytes:
@@ -115,7 +117,33 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = _json(f.read(hlen), path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    return _check_header(header, path, size - 8 - hlen)
+    return _check_header(header, path, size - 8 - hlen, 8 + hlen)
+
+
+def read_rows(info: TensorInfo, fd: int, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a tensor (along its first dimension), read like read_tensor."""
+    row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+    part = TensorInfo(info.file, info.dtype, (r1 - r0, *info.shape[1:]), info.begin + r0 * row,
+                      info.begin + r1 * row, info.data_start)
+    return read_tensor(part, fd)
+
+
+def read_tensor(info: TensorInfo, fd: int) -> torch.Tensor:
+    """One tensor read (pread) from an open file into memory of its own.
+
+    No mapping of the file outlives the call, so the page cache the bytes pass through is never counted in
+    this process's RSS (tensors that are views into a mapped file keep every touched page of it resident:
+    loading through mmap cost 2x the weights in RSS).
+    """
+    t = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    done, offset = 0, info.data_start + info.begin
+    while done < info.nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor data at byte {offset + done}")
+        done += n
+    return t
 
 
 def parse_buffer(buf: torch.Tensor, path: str | Path = "<buffer>") -> dict[str, torch.Tensor]:
@@ -126,7 +154,7 @@ def parse_buffer(buf: torch.Tensor, path: str | Path = "<buffer>") -> dict[str, 
     path = Path(path)
     size = buf.numel()
     hlen = _header_length(bytes(buf[:8].numpy()), size, path)
-    infos = _check_header(_json(bytes(buf[8: 8 + hlen].numpy()), path), path, size - 8 - hlen)
+    infos = _check_header(_json(bytes(buf[8: 8 + hlen].numpy()), path), path, size - 8 - hlen, 8 + hlen)
     base = 8 + hlen
     out: dict[str, torch.Tensor] = {}
     for name, info in infos.items():

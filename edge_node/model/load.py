@@ -74,6 +74,15 @@ def build_block(cfg: ModelConfig, index: int, t: dict[str, torch.Tensor | None],
     return Block(index, RMSNorm(t["ln1"], eps), attn, RMSNorm(t["ln2"], eps), mlp, cfg.window_for_layer(index))
 
 
+def _embedding(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, column_major: bool) -> torch.Tensor:
+    """The (vocab, hidden) embedding; column-major when it doubles as a packed tied head (Transformer.pack),
+    filled a block of rows at a time so the table never exists twice while it is laid out."""
+    name = "model.embed_tokens.weight"
+    if not column_major:
+        return ckpt.get(name, dtype)
+    return ckpt.read_into(name, torch.empty(cfg.hidden_size, cfg.vocab_size, dtype=dtype).t())
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None,
                embed: bool | None = None, head: bool | None = None, pack: bool = False) -> Transformer:
     """Load layers [start, end) of a checkpoint; embeddings default to start == 0, the head to end == L.
@@ -92,15 +101,23 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, start:
     def get(name: str) -> torch.Tensor:
         return ckpt.get(name, dtype)
 
+    head_linear = None
+    if head and not cfg.tie_word_embeddings:  # first, so packing it (a second copy, briefly) adds to no peak
+        head_linear = Linear(get("lm_head.weight"))
+        if pack:
+            head_linear.pack()
     blocks = {}
     for i in range(start, end):
         blocks[i] = build_block(cfg, i, fuse_layer(get, cfg, i))
         if pack:  # per block, so plain and packed copies of the whole model never coexist
             blocks[i].apply(lambda m: m.pack() if isinstance(m, Linear) else None)
-    emb = get("model.embed_tokens.weight") if embed or (head and cfg.tie_word_embeddings) else None
+        ckpt.close()  # unmap: the file's touched pages would otherwise count in our RSS on top of the copies
+    emb = None
+    if embed or (head and cfg.tie_word_embeddings):
+        emb = _embedding(ckpt, cfg, dtype, column_major=pack and head and cfg.tie_word_embeddings)
     lm_head = None
     if head:
-        lm_head = emb if cfg.tie_word_embeddings else get("lm_head.weight")
+        lm_head = emb if cfg.tie_word_embeddings else head_linear
     norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps) if head else None
     ckpt.close()
     model = Transformer(cfg, blocks, dtype, emb if embed else None, norm, lm_head)

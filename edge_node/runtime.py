@@ -11,11 +11,12 @@ from collections.abc import Callable, Iterable
 import torch
 
 from edge_node.memory import own_peak_rss_mb
-from edge_node.model import generate, load_model
+from edge_node.model import generate
 from edge_node.model.errors import UsageError
 from edge_node.model.formats import TORCH_NAMES
 from edge_node.model.generation_config import eos_ids
 from edge_node.run_config import RunConfig
+from quant.checkpoint import load_any
 
 
 def generate_local(run: RunConfig, on_token: Callable[[int], None] | None = None,
@@ -28,7 +29,7 @@ def generate_local(run: RunConfig, on_token: Callable[[int], None] | None = None
         raise UsageError("single-node generation needs a model directory")
     if run.threads:
         torch.set_num_threads(run.threads)
-    model = load_model(run.model, TORCH_NAMES[run.dtype or "float32"], pack=True)
+    model = load_any(run.model, TORCH_NAMES[run.dtype or "float32"], pack=True)  # float or edgefed-quantized
     report: dict = {}
     step = None
     if run.prefill is not None:

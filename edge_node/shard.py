@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from edge_node.model import layout
-from edge_node.model.checkpoint import Checkpoint, check_finite
 from edge_node.model.config import ModelConfig
 from edge_node.model.errors import CheckpointError, EdgefedError
 from edge_node.model.formats import (
@@ -37,7 +35,7 @@ from edge_node.model.formats import (
     write_tensors,
 )
 from edge_node.model.layout import fuse_layer
-from edge_node.model.load import validate
+from quant.checkpoint import FloatSource
 
 FORMAT = "edgefed-tp-shards/1"
 MANIFEST = "manifest.json"
@@ -203,13 +201,12 @@ def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios:
     model_dir, out = Path(model_dir), Path(out_dir)
     cfg = ModelConfig.from_dir(model_dir)
     plan = make_plan(cfg, nodes, ratios)
-    ckpt = Checkpoint(model_dir)
-    validate(ckpt, cfg)
+    ckpt = FloatSource(model_dir, cfg)  # validated; an edgefed-quantized source reads back dequantized
     prepare_out_dir(out, model_dir, force)
     w = _Writer(out)
 
     def get(name: str) -> torch.Tensor:
-        return ckpt.get(name, torch.float32)
+        return ckpt.get(name)
 
     biggest = 0
     for i in range(cfg.num_layers):
@@ -235,7 +232,7 @@ def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios:
     return manifest
 
 
-def _write_rank0_extras(w: _Writer, ckpt: Checkpoint, cfg: ModelConfig, weights: str, chunk_bytes: int, get) -> None:
+def _write_rank0_extras(w: _Writer, ckpt: FloatSource, cfg: ModelConfig, weights: str, chunk_bytes: int, get) -> None:
     """Embeddings + final norm in one file (read by rows), lm_head in vocab chunks of about a layer's size.
 
     The (vocab, hidden) tables are the only tensors bigger than a layer: they are read and written in
@@ -267,13 +264,9 @@ def _write_rank0_extras(w: _Writer, ckpt: Checkpoint, cfg: ModelConfig, weights:
                 encode({"lm_head": _rows(ckpt, head_name, v0, v1)}, weights, ("lm_head",)), vocab=[v0, v1])
 
 
-def _rows(ckpt: Checkpoint, name: str, v0: int, v1: int) -> torch.Tensor:
+def _rows(ckpt: FloatSource, name: str, v0: int, v1: int) -> torch.Tensor:
     """Rows [v0, v1) of a source tensor as float32, read through a short-lived mapping."""
-    file = ckpt.tensors[name].file
-    with safe_open(str(file), framework="pt") as f:
-        rows = f.get_slice(name)[v0:v1]
-    check_finite(rows, f"{name}[{v0}:{v1}]", file)
-    return rows.to(torch.float32).contiguous()
+    return ckpt.rows(name, v0, v1)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """int8 weight-only quantization: symmetric, one scale per output channel (row of a Linear weight).
 
-Offline (the sharder) calls `quantize_rows`; at run time `Int8Linear` multiplies activations by the int8
-weight without materialising a float copy of it (torch's `_weight_int8pack_mm` kernel, the one gpt-fast
-uses, fed bfloat16 activations), so a streamed int8 block costs a quarter of the float32 bytes both on
-disk and in RAM.
+Offline (the sharder, `edgefed quantize`) calls `quantize_rows`; at run time `Int8Linear` multiplies
+activations by the int8 weight without materialising a float copy of it (torch's `_weight_int8pack_mm`
+kernel, the one gpt-fast uses, fed bfloat16 activations), so a streamed int8 block costs a quarter of the
+float32 bytes both on disk and in RAM.
 """
 
 from __future__ import annotations
@@ -61,10 +61,18 @@ class Int8Linear(nn.Module):
             weight = F.pad(weight, (0, self.pad))  # zero columns: the product is unchanged
         if weight.data_ptr() % 64:  # the kernel reads the weight with aligned vector loads
             weight = weight.clone()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.qweight = nn.Parameter(weight, requires_grad=False)  # (out, in + pad)
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._bf16: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out, in) float32 weight, for whoever needs plain values (ONNX export)."""
+        return dequantize_rows(self.qweight[:, : self.qweight.shape[1] - self.pad], self.scale)
+
+    def pack(self) -> None:
+        """Nothing to reorder: the int8 kernel reads the plain layout (the float Linear's pack() is oneDNN's)."""
 
     def _scale_bf16(self) -> torch.Tensor:
         if self._bf16 is None:
@@ -74,15 +82,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (B*S, in): the kernel takes 2-D activations
-        if _INT8_KERNEL and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and self.weight.shape[0]:
+        if _INT8_KERNEL and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and self.qweight.shape[0]:
             # bfloat16 activations: on CPU this kernel is ~4x faster in bf16 than in float32 or float16,
             # and the rounding it adds (~0.5% relative) is of the order of the int8 weights' own error.
             xb = x2.to(torch.bfloat16)
             xb = (F.pad(xb, (0, self.pad)) if self.pad else xb).contiguous()
-            y = torch._weight_int8pack_mm(xb, self.weight, self._scale_bf16()).to(x.dtype)
+            y = torch._weight_int8pack_mm(xb, self.qweight, self._scale_bf16()).to(x.dtype)
         else:
             x2 = F.pad(x2, (0, self.pad)) if self.pad else x2
-            y = F.linear(x2, dequantize_rows(self.weight, self.scale, x.dtype))
+            y = F.linear(x2, dequantize_rows(self.qweight, self.scale, x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, -1)  # (..., out)

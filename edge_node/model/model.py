@@ -174,13 +174,14 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig, blocks: dict[int, Block], dtype: torch.dtype,
                  embed: torch.Tensor | None = None, norm: RMSNorm | None = None,
-                 lm_head: torch.Tensor | Linear | None = None):
+                 lm_head: torch.Tensor | nn.Module | None = None):
         super().__init__()
         self.config, self.dtype = config, dtype
         self.blocks = nn.ModuleDict({str(i): b for i, b in sorted(blocks.items())})
         self.embed = None if embed is None else nn.Parameter(embed, requires_grad=False)
         self.norm = norm
-        self.head = lm_head if lm_head is None or isinstance(lm_head, Linear) else Linear(lm_head)
+        # a module (a packed or quantized head) is used as it is; a tensor becomes a float Linear
+        self.head = lm_head if lm_head is None or isinstance(lm_head, nn.Module) else Linear(lm_head)
         # a tied head shares the embedding's storage; packing it would keep a second copy resident
         self.head_tied = (embed is not None and isinstance(lm_head, torch.Tensor)
                           and lm_head.data_ptr() == embed.data_ptr())

@@ -45,16 +45,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from edge_node.memory import own_peak_rss_mb
-    from edge_node.model import load_model
     from edge_node.model.decode import check_prompt
     from npu_backends.measure import measure_prefill
     from npu_backends.options import PrefillOptions, round_up
+    from quant.checkpoint import load_any
 
     if args.shadow and not args.int8:
         raise ValueError("--shadow needs --int8")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, torch.float32)
+    model = load_any(args.model, torch.float32)  # a float or an edgefed-quantized directory
     prompt = prompt_ids(args)
     check_prompt(prompt, model.config.max_position_embeddings, model.config.vocab_size)  # before any export
     _check_graph_args(args, model.config, len(prompt))

@@ -53,3 +53,12 @@ def test_an_overflowing_model_is_an_error_not_an_empty_success(llama_dir, tmp_pa
     captured = capsys.readouterr()
     assert code == 2 and "not finite" in captured.err and "Traceback" not in captured.err
     assert not captured.out.strip() or "token_ids" not in json.loads(captured.out)
+
+
+def test_prefill_takes_a_quantized_directory(llama_dir, tmp_path, capsys):
+    assert main(["quantize", "--model", str(llama_dir), "--weights", "int8", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["prefill", "--model", str(tmp_path / "q"), "--chunk", "32", "--prompt-ids", "5,6,7,8,9",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["provider"] == "CPUExecutionProvider" and out["prompt_tokens"] == 5

@@ -82,7 +82,7 @@ def test_errors_go_to_stderr_with_nonzero_exit(llama_dir, args, message):
     assert r.stdout == ""
 
 
-def test_logprobs_are_the_reference_models_at_every_generated_position(tmp_path):
+def test_logprobs_are_the_reference_models_at_every_generated_position(tmp_path, capsys):
     """--logprobs K reports, per generated token, its log-probability and the top K: the same numbers
     transformers gives on the same checkpoint (realistic scale, so an error would show)."""
     import torch
@@ -91,10 +91,12 @@ def test_logprobs_are_the_reference_models_at_every_generated_position(tmp_path)
 
     hf = realistic_checkpoint(tmp_path / "m", eos_token_id=None)
     prompt = [5, 0, 17, 42, 7, 99, 3, 0]
-    r = edgefed("generate", "--model", str(tmp_path / "m"), "--prompt-ids", ",".join(map(str, prompt)),
-                "--max-new-tokens", "6", "--logprobs", "3", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    from edgefed.cli import main  # in-process: the CLI path without a second interpreter's start-up
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt-ids", ",".join(map(str, prompt)),
+                 "--max-new-tokens", "6", "--logprobs", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     ids = prompt + out["token_ids"]
     with torch.no_grad():
         x = torch.tensor([ids])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# As in edge_node/cli.py: idle OpenMP workers sleep instead of spinning, which matters on a
+# As in edgefed/cli.py: idle OpenMP workers sleep instead of spinning, which matters on a
 # busy 2-core machine. Must happen before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

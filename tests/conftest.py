@@ -2,7 +2,7 @@
 
 import os
 
-# As in edge_node/cli.py: idle OpenMP workers sleep, so multi-process tests on 2 cores do not stall.
+# As in edgefed/cli.py: idle OpenMP workers sleep, so multi-process tests on 2 cores do not stall.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402

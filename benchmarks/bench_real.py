@@ -186,14 +186,17 @@ def edgefed_quantized(model_dir: Path, out_dir: Path) -> dict[str, Path]:
     dirs = {w: out_dir / w for w in ("int8", "int4")}
     edgefed = Path(sys.executable).parent / "edgefed"
     cmd0 = [str(edgefed)] if edgefed.is_file() else [sys.executable, "-m", "edgefed"]
+    from quant.format import DEFAULT_GROUP_SIZE
+
     for weights, d in dirs.items():
-        if (d / ".done").is_file():
+        stamp = d / f".done-g{DEFAULT_GROUP_SIZE}"  # copies made with another default are made again
+        if stamp.is_file():
             continue
         print(f"edgefed quantize --weights {weights} -> {d}", file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         run_logged(cmd0 + ["quantize", "--model", str(model_dir), "--weights", weights, "--out", str(d), "--force"],
                    out_dir / f"quantize-{weights}.log")
-        (d / ".done").touch()
+        stamp.touch()
     return dirs
 
 

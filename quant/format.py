@@ -39,7 +39,9 @@ from .int4 import GROUP_SIZES
 
 METHOD, FORMAT = "edgefed", 1
 WEIGHTS = ("int8", "int4")
-DEFAULT_GROUP_SIZE = 64  # divides every hidden size that is a multiple of 64 (SmolLM2's 576 is not one of 128)
+# 32, as llama.cpp's Q4_0/Q4_1: on SmolLM2-135M-Instruct (from a Q4_1 file) top-1 agreement with float is 97.1%
+# at 32 against 79% at 64 (its weights sit on a group-32 grid), at the same decode speed (26.1 vs 26.2 ms/token)
+DEFAULT_GROUP_SIZE = 32
 HEAD = "lm_head.weight"
 HEADS = ("float", "int8", "int4")
 DEFAULT_HEAD = {"int8": "float", "int4": "int8"}  # measured: see the module docstring

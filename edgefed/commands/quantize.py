@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory (float weights)")
     p.add_argument("--weights", required=True, metavar="int8|int4",
                    help="int8: one scale per output row; int4: group-wise along the input, with --group-size")
-    p.add_argument("--group-size", type=int, metavar="32|64|128|256", help="int4 input columns per scale (default 64)")
+    p.add_argument("--group-size", type=int, metavar="32|64|128|256", help="int4 input columns per scale (default 32)")
     p.add_argument("--lm-head", metavar="float|int8|int4",
                    help="the head's weights (default: float for int8, int8 for int4); int4 decodes fastest")
     p.add_argument("--out", required=True, help="output directory")

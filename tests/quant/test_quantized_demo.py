@@ -22,7 +22,7 @@ PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef main():", "class Stack:\n   
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("demo-q")
-    for weights in ("int8", "int4"):  # int4 with the default group size, 64
+    for weights in ("int8", "int4"):  # int4 with the default group size, 32
         quantize_checkpoint(DEMO, root / weights, weights)
     return {"float": DEMO, "int8": root / "int8", "int4": root / "int4"}
 

@@ -424,3 +424,23 @@ def test_the_real_model_generates_transformers_greedy_tokens_and_knows_paris(rea
                   f"{got['tpot_ms']:.1f} ms/token] {got['text']!r}")
         if "France" in prompt:
             assert "Paris" in got["text"]
+
+
+@pytest.mark.slow
+def test_the_real_model_matches_transformers_for_64_tokens_past_eos(real_model):
+    """All three chat prompts for a full 64 greedy tokens, neither engine stopping at EOS."""
+    import transformers as tf
+
+    from edge_node.model import SamplingConfig, generate, load_model
+
+    tok = tf.AutoTokenizer.from_pretrained(real_model)
+    model = tf.AutoModelForCausalLM.from_pretrained(real_model).eval()
+    ours = load_model(real_model, pack=True)
+    for prompt in PROMPTS:
+        x = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)
+        with torch.no_grad():  # eos_token_id=-1: transformers never stops early
+            want = model.generate(**x, max_new_tokens=64, do_sample=False, eos_token_id=-1,
+                                  pad_token_id=0)[0, x["input_ids"].shape[1]:].tolist()
+        got = generate(ours, x["input_ids"][0].tolist(), 64, SamplingConfig(), eos_ids=()).token_ids
+        assert len(want) == 64 and got == want, prompt

@@ -56,9 +56,9 @@ class HeadChunk(torch.nn.Module):
 class RankEngine:
     """One rank: its shards, window, KV cache and communicator."""
 
-    def __init__(self, run: RunConfig, comm: Comm, max_tokens: int):
+    def __init__(self, run: RunConfig, comm: Comm, max_tokens: int, manifest: Manifest | None = None):
         self.run, self.comm, self.rank = run, comm, comm.rank
-        self.manifest = m = Manifest.load(run.shards)
+        self.manifest = m = manifest or Manifest.load(run.shards)
         if comm.world != m.nodes:
             raise ShardError(f"{run.shards} is sharded for {m.nodes} nodes, not {comm.world}")
         self.cfg = m.config
@@ -229,10 +229,11 @@ def run_rank(run: RunConfig, rank: int = 0, master: str = "127.0.0.1:29500", kee
     if run.threads:
         torch.set_num_threads(run.threads)
     own_comm = comm is None
-    comm = comm or Comm(rank, Manifest.load(run.shards).nodes, master, run.timeout_s, run.allreduce, iface=iface)
+    manifest = Manifest.load(run.shards)  # checked once: its files are stat-ed against the sizes it records
+    comm = comm or Comm(rank, manifest.nodes, master, run.timeout_s, run.allreduce, iface=iface)
     engine = None
     try:
-        engine = RankEngine(run, comm, len(run.prompt_ids) + run.max_new_tokens)
+        engine = RankEngine(run, comm, len(run.prompt_ids) + run.max_new_tokens, manifest)
         if comm.rank != 0:
             engine.serve()
             comm.gather_message(engine.stats(), "rank statistics")

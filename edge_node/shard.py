@@ -27,6 +27,7 @@ from edge_node.model.formats import (
     ST_NAMES,
     TORCH_NAMES,
     ChecksumError,
+    prepare_out_dir,
     sha256_file,
     torch_name,
     verify_sha256,
@@ -166,31 +167,9 @@ class _Writer:
         return size
 
 
-def prepare_out_dir(out: Path, source: Path, force: bool) -> None:
-    """Create the output directory, refusing the source directory itself, a path that is or lies under a
-    file, and a non-empty directory (whose stale rank files would mix with new ones) unless `force`, which
-    clears what an earlier `edgefed shard` wrote there."""
-    if out.resolve() == source.resolve():
-        raise ShardError(f"--out {out} is the model directory itself: shard into a directory of its own")
-    if out.exists() and not out.is_dir():
-        raise ShardError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ShardError(f"--out {out} exists and is not empty: choose a new directory or pass --force")
-        for child in out.iterdir():
-            if child.is_dir() and child.name.startswith("rank"):
-                shutil.rmtree(child)
-            elif child.name in (MANIFEST, *_COPIED):
-                child.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".edgefed-write-test"
-        probe.touch()
-        probe.unlink()
-    except (FileExistsError, NotADirectoryError):
-        raise ShardError(f"--out {out}: a parent of it is a file") from None
-    except OSError as e:
-        raise ShardError(f"--out {out}: cannot write there ({e.strerror})") from None
+def _stale_shard_file(path: Path) -> bool:
+    """What an earlier `edgefed shard` wrote (rank directories, manifest, copied model files)."""
+    return (path.is_dir() and path.name.startswith("rank")) or path.name in (MANIFEST, *_COPIED)
 
 
 def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios: list[float] | None = None,
@@ -202,7 +181,7 @@ def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios:
     cfg = ModelConfig.from_dir(model_dir)
     plan = make_plan(cfg, nodes, ratios)
     ckpt = FloatSource(model_dir, cfg)  # validated; an edgefed-quantized source reads back dequantized
-    prepare_out_dir(out, model_dir, force)
+    prepare_out_dir(out, model_dir, force, _stale_shard_file, ShardError)
     w = _Writer(out)
 
     def get(name: str) -> torch.Tensor:
@@ -216,7 +195,6 @@ def write_shards(model_dir: str | Path, out_dir: str | Path, nodes: int, ratios:
             size = w.write(f"rank{s.rank}/layer{i:04d}.safetensors", s.rank, "layer", part, layers=[i, i + 1])
             biggest = max(biggest, size) if s.rank == 0 else biggest
         del fused
-        ckpt.close()  # unmap the source file: its touched pages would otherwise count as our RSS
     _write_rank0_extras(w, ckpt, cfg, weights, biggest, get)
     ckpt.close()
     for name in _COPIED:

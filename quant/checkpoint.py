@@ -15,14 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from edge_node.model.checkpoint import Checkpoint, check_finite
+from edge_node.model.checkpoint import Checkpoint
 from edge_node.model.config import ModelConfig
-from edge_node.model.errors import MissingTensorError, TensorShapeError, UnexpectedTensorError
+from edge_node.model.errors import TensorShapeError
 from edge_node.model.layout import LINEARS, LinearSpec, fuse_layer
-from edge_node.model.load import build_block, load_model, validate
+from edge_node.model.load import build_block, check_names, load_model, validate
 from edge_node.model.model import Linear, RMSNorm, Transformer
 
 from .format import QuantConfig, TensorDtypeError, expected_tensors
@@ -30,7 +29,6 @@ from .int4 import Int4Linear, dequantize_groups
 from .int8 import dequantize_rows, make_linear
 
 _SUFFIXES = {"weight_scale": "scale", "weight_zero": "zero"}  # on disk (HF form) -> runtime form ("wqkv.scale")
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_any(model_dir: str | Path, dtype: torch.dtype = torch.float32, pack: bool = False) -> Transformer:
@@ -43,13 +41,8 @@ def load_any(model_dir: str | Path, dtype: torch.dtype = torch.float32, pack: bo
 def validate_quantized(ckpt: Checkpoint, cfg: ModelConfig, q: QuantConfig) -> None:
     """Name every missing, unexpected, misshaped or mistyped tensor (headers only)."""
     want = expected_tensors(cfg, q)
-    have = {n: t for n, t in ckpt.tensors.items() if not n.endswith(_IGNORED_SUFFIXES)}
-    missing = sorted(set(want) - set(have))
-    if missing:
-        raise MissingTensorError(f"{ckpt.dir}: missing tensor(s) of an {q.weights} checkpoint: {_names(missing)}")
-    extra = sorted(set(have) - set(want))
-    if extra:
-        raise UnexpectedTensorError(f"{ckpt.dir}: unexpected tensor(s) in an {q.weights} checkpoint: {_names(extra)}")
+    have = check_names(ckpt, want, missing_what=f" of an {q.weights} checkpoint",
+                       extra_what=f" in an {q.weights} checkpoint")
     for name, (shape, dtype) in want.items():
         info = have[name]
         if info.shape != shape:
@@ -60,10 +53,6 @@ def validate_quantized(ckpt: Checkpoint, cfg: ModelConfig, q: QuantConfig) -> No
                                    f"stores it as {dtype}")
         if dtype is None and info.dtype not in ("F32", "BF16", "F16"):
             raise TensorDtypeError(f"{info.file}: tensor {name!r} is {info.dtype}, expected a float dtype")
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
 def make_quantized(weight: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
@@ -124,7 +113,6 @@ def load_quantized(model_dir: str | Path, dtype: torch.dtype = torch.float32, pa
         blocks[i] = build_block(cfg, i, fuse_layer(get, cfg, i) | _quantized_params(get, i), linear=quantized_linear)
         if pack:
             blocks[i].apply(lambda m: m.pack() if isinstance(m, Linear) else None)
-        ckpt.close()  # unmap: the block holds copies only
     norm = RMSNorm(get("model.norm.weight"), cfg.rms_norm_eps)
     quantized_head = get.linear("lm_head") if q.lm_head != "float" else None
     float_head = get("lm_head.weight") if q.lm_head == "float" and not cfg.tie_word_embeddings else None
@@ -158,15 +146,10 @@ class FloatSource:
         return _dequantize(*parts)
 
     def rows(self, name: str, v0: int, v1: int) -> torch.Tensor:
-        """Rows [v0, v1) as float32, read through a short-lived mapping (tables bigger than a layer)."""
+        """Rows [v0, v1) as float32 (tables bigger than a layer are read in row blocks)."""
         base = name.removesuffix(".weight")
         names = [n for n in (name, f"{base}.weight_scale", f"{base}.weight_zero") if n in self.tensors]
-        parts = []
-        for n in names if name in self.quantized else names[:1]:
-            file = self.tensors[n].file
-            with safe_open(str(file), framework="pt") as f:
-                parts.append(f.get_slice(n)[v0:v1])
-            check_finite(parts[-1], f"{n}[{v0}:{v1}]", file)
+        parts = [self.ckpt.rows(n, v0, v1) for n in (names if name in self.quantized else names[:1])]
         return _dequantize(*parts) if name in self.quantized else parts[0].to(torch.float32).contiguous()
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from edge_node.model.checkpoint import Checkpoint
 from edge_node.model.config import ModelConfig, read_json
-from edge_node.model.formats import write_streaming
+from edge_node.model.formats import prepare_out_dir, write_streaming
 from edge_node.model.load import validate
 
 from .format import HEAD, QuantConfig, QuantizeError, check_group_size, expected_tensors, quantized_weights
@@ -40,7 +40,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, weights: str
     ckpt = Checkpoint(model_dir)
     validate(ckpt, cfg)
     check_group_size(cfg, q)
-    prepare_out_dir(out, model_dir, force)
+    prepare_out_dir(out, model_dir, force, _stale_model_file, QuantizeError)
     header = write_streaming(out / WEIGHTS_FILE, _entries(ckpt, cfg, q))
     ckpt.close()
     (out / "config.json").write_text(json.dumps({**raw, "quantization_config": q.to_json()}, indent=2) + "\n")
@@ -62,9 +62,7 @@ def _entries(ckpt: Checkpoint, cfg: ModelConfig, q: QuantConfig) -> list:
     last: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def read(name: str) -> torch.Tensor:
-        t = ckpt.get(name)
-        ckpt.close()  # the tensor is a view of a mapping of the file: unmapped (not resident) once it is written
-        return t
+        return ckpt.get(name)  # read into memory of its own: nothing of the file stays mapped
 
     def quantized(name: str) -> tuple[torch.Tensor, ...]:
         if name not in last:
@@ -84,23 +82,7 @@ def _entries(ckpt: Checkpoint, cfg: ModelConfig, q: QuantConfig) -> list:
     return entries
 
 
-def prepare_out_dir(out: Path, source: Path, force: bool) -> None:
-    """Create --out, refusing the model directory itself, a file, and a non-empty directory unless `force`,
-    which removes the files a quantized directory holds (stale *.safetensors would be read as weights)."""
-    if out.resolve() == source.resolve():
-        raise QuantizeError(f"--out {out} is the model directory itself: write the quantized copy elsewhere")
-    if out.exists() and not out.is_dir():
-        raise QuantizeError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise QuantizeError(f"--out {out} exists and is not empty: choose a new directory or pass --force")
-        for child in out.iterdir():
-            if child.is_file() and (child.suffix == ".safetensors" or child.name in ("config.json", *COPIED,
-                                                                                      "model.safetensors.index.json")):
-                child.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise QuantizeError(f"--out {out}: a parent of it is a file") from None
-    except OSError as e:
-        raise QuantizeError(f"--out {out}: cannot create it ({e.strerror})") from None
+def _stale_model_file(path: Path) -> bool:
+    """What a quantized directory holds (stale *.safetensors would be read as weights)."""
+    return path.is_file() and (path.suffix == ".safetensors"
+                               or path.name in ("config.json", *COPIED, "model.safetensors.index.json"))

@@ -70,12 +70,20 @@ class Checkpoint:
         info = self.tensors[name]
         if tuple(out.shape) != info.shape:
             raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, not {list(out.shape)}")
-        fd = self._fd(info.file)
         for r0 in range(0, info.shape[0], rows):
-            part = read_rows(info, fd, r0, min(r0 + rows, info.shape[0]))
-            check_finite(part, f"{name}[{r0}:]", info.file)
+            part = self.rows(name, r0, min(r0 + rows, info.shape[0]))
             out[r0: r0 + part.shape[0]] = part
         return out
+
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of tensor `name` (as stored), read into memory of their own and checked finite."""
+        info = self.tensors[name]
+        try:
+            part = read_rows(info, self._fd(info.file), r0, r1)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e.strerror})") from None
+        check_finite(part, f"{name}[{r0}:{r1}]", info.file)
+        return part
 
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -252,3 +253,29 @@ def weights_digest(model_dir: str | Path) -> str:
     for f in files:
         h.update(f"{f.name}\0{f.stat().st_size}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
+
+
+def prepare_out_dir(out: Path, source: Path, force: bool, stale: Callable[[Path], bool],
+                    error: type[Exception] = CheckpointError) -> None:
+    """Create an output directory for files derived from `source`, refusing `source` itself, a path that is
+    or lies under a file, an unwritable place, and a non-empty directory (whose stale files would mix with
+    the new ones) unless `force`, which first removes the entries `stale(path)` picks: those an earlier run
+    of the same command wrote, never anything else."""
+    if out.resolve() == source.resolve():
+        raise error(f"--out {out} is the model directory itself: write into a directory of its own")
+    if out.exists() and not out.is_dir():
+        raise error(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise error(f"--out {out} exists and is not empty: choose a new directory or pass --force")
+        for child in filter(stale, list(out.iterdir())):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".edgefed-write-test"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise error(f"--out {out}: a parent of it is a file") from None
+    except OSError as e:
+        raise error(f"--out {out}: cannot write there ({e.strerror})") from None

@@ -7,36 +7,45 @@ before a single weight is read; weights are then read one tensor at a time and f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, TensorInfo
 from .config import ModelConfig
 from .errors import MissingTensorError, TensorShapeError, UnexpectedTensorError, UsageError
 from .layout import LINEARS, LinearSpec, Range, expected_shapes, full_units, fuse_layer, head_counts
 from .model import MLP, Attention, Block, Linear, NoAttention, RMSNorm, Transformer
 
 LinearFactory = Callable[[LinearSpec, dict], nn.Module]
-__all__ = ["LinearFactory", "build_block", "dense_linear", "expected_shapes", "fuse_layer", "load_model", "validate"]
+__all__ = ["LinearFactory", "build_block", "check_names", "dense_linear", "expected_shapes", "fuse_layer", "load_model",
+           "validate"]
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # stored by some old checkpoints, recomputed here
+
+
+def check_names(ckpt: Checkpoint, want: Iterable[str], ignore: Iterable[str] = (), missing_what: str = "",
+                extra_what: str = "") -> dict[str, TensorInfo]:
+    """The checkpoint's tensors (less those recomputed here and `ignore`), after naming every missing and
+    every unexpected one against `want`."""
+    skip = set(ignore)
+    have = {n: t for n, t in ckpt.tensors.items() if not n.endswith(_IGNORED_SUFFIXES) and n not in skip}
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise MissingTensorError(f"{ckpt.dir}: missing tensor(s){missing_what}: {_names(missing)}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise UnexpectedTensorError(f"{ckpt.dir}: unexpected tensor(s){extra_what}: {_names(extra)}")
+    return have
 
 
 def validate(ckpt: Checkpoint, cfg: ModelConfig) -> None:
     """Name every missing, unexpected or misshaped tensor (headers only)."""
     want = expected_shapes(cfg)
-    have = {n: t for n, t in ckpt.tensors.items() if not n.endswith(_IGNORED_SUFFIXES)}
-    if cfg.tie_word_embeddings:
-        have.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
-    missing = sorted(set(want) - set(have))
-    if missing:
-        raise MissingTensorError(f"{ckpt.dir}: missing tensor(s): {_names(missing)}")
-    extra = sorted(set(have) - set(want))
-    if extra:
-        raise UnexpectedTensorError(f"{ckpt.dir}: unexpected tensor(s): {_names(extra)}")
+    # some tied checkpoints store the head's copy anyway
+    have = check_names(ckpt, want, ("lm_head.weight",) if cfg.tie_word_embeddings else ())
     for name, shape in want.items():
         if have[name].shape != shape:
             raise TensorShapeError(
@@ -111,7 +120,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, start:
         blocks[i] = build_block(cfg, i, fuse_layer(get, cfg, i))
         if pack:  # per block, so plain and packed copies of the whole model never coexist
             blocks[i].apply(lambda m: m.pack() if isinstance(m, Linear) else None)
-        ckpt.close()  # unmap: the file's touched pages would otherwise count in our RSS on top of the copies
     emb = None
     if embed or (head and cfg.tie_word_embeddings):
         emb = _embedding(ckpt, cfg, dtype, column_major=pack and head and cfg.tie_word_embeddings)

@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL  ?= models/edgefed-demo
 PROMPT ?= def fibonacci(n):
 
-.PHONY: demo test test-fast install install-test bench lint clean-venv real-model
+.PHONY: demo test test-fast install install-test bench lint clean-venv real-model proto
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,3 +81,10 @@ $(SMOLLM2_DIR)/.imported: $(SMOLLM2_GGUF) | install
 
 real-model: install $(SMOLLM2_DIR)/.imported
 	@echo $(SMOLLM2_DIR)
+
+# gRPC: one .proto per service in proto/; the generated modules are committed in edge_node/rpc/ (importable by
+# the node runtime and the coordinator alike) and rebuilt here. The `-Iedge_node/rpc=proto` mapping makes the
+# generated imports absolute (`from edge_node.rpc import x_pb2`).
+PROTOS := $(wildcard proto/*.proto)
+proto: install-test
+	$(PY) -m grpc_tools.protoc -Iedge_node/rpc=proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)

@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf modules (`make proto` from proto/*.proto); do not edit by hand."""

@@ -5,7 +5,8 @@ token count, first position, layer range) and the embedded input, every rank run
 layers (two allreduces per layer, passed to the model as `reduce`), and rank 0 turns the last hidden
 state into logits and samples with the same decode loop as single-node generation. The other ranks
 serve messages until rank 0 sends `Stop`, then report `RankStats`. Every rank runs the one RunConfig
-the launcher built.
+the launcher built. A serving group (edge_node.serving) runs many sequences: rank 0 sends `Reset` before each
+(every rank empties its KV cache) and `Ping` while idle (so the others' bounded waits start over).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from edge_node.model.kv_cache import kv_bytes_per_token
 from edge_node.model.load import build_block
 from edge_node.model.model import RMSNorm, Transformer
 from edge_node.model.sampling import Sampler
-from edge_node.protocol import KVTransfer, ProtocolError, RankStats, Step, Stop
+from edge_node.protocol import KVTransfer, Ping, ProtocolError, RankStats, Reset, Step, Stop
 from edge_node.run_config import RunConfig
 from edge_node.shard import Manifest, ShardError, ShardFile, verify_file
 from quant.int8 import linear_factory, make_linear
@@ -193,6 +194,11 @@ class RankEngine:
             msg = self.comm.broadcast_message(None, "next message (waiting for rank 0)")
             if isinstance(msg, Stop):
                 return
+            if isinstance(msg, Ping):
+                continue
+            if isinstance(msg, Reset):
+                self._reset_own()
+                continue
             if isinstance(msg, KVTransfer):
                 self._receive_kv(msg)
                 continue
@@ -204,6 +210,19 @@ class RankEngine:
             h = self.comm.broadcast(torch.empty(1, msg.tokens, self.cfg.hidden_size), "input hidden states")
             self._run_layers(h.to(self.dtype), msg)
             self._record(t0, c0, w0)
+
+    def reset(self, request: str = "") -> None:
+        """Rank 0: a new sequence; every rank's KV cache (and step timings) emptied."""
+        self.comm.broadcast_message(Reset(request=request), "reset")
+        self._reset_own()
+
+    def _reset_own(self) -> None:
+        self.cache.truncate(0)  # buffers kept: the next sequence reuses them
+        self.times = StepTimes()
+
+    def ping(self) -> None:
+        """Rank 0, idle: tell the other ranks it is alive (each waits at most run.timeout_s for a message)."""
+        self.comm.broadcast_message(Ping(), "ping")
 
     def stop(self) -> None:
         self.comm.broadcast_message(Stop(), "stop")

@@ -148,10 +148,24 @@ class RankStats(_Message):
         self._non_negative("rank", "peak_rss_mb", "bytes_read", "bytes_per_pass", "window", "disk_read_bytes")
 
 
-Message = Step | KVTransfer | Stop | RankStats
+@dataclass(frozen=True)
+class Reset(_Message):
+    """A serving group starts a new sequence: every rank empties its KV cache (buffers kept) before the next
+    Step, which runs from position 0. `request` names the request, for the logs."""
+
+    request: str = ""
+
+
+@dataclass(frozen=True)
+class Ping(_Message):
+    """Rank 0 is alive and idle: a serving rank's wait for the next message starts over (every wait on rank 0
+    keeps its timeout, so an idle group needs a message more often than that)."""
+
+
+Message = Step | KVTransfer | Stop | RankStats | Reset | Ping
 
 # The one registry of kind numbers. They are wire format: never renumber, only append.
-_KINDS: dict[int, type] = {1: Step, 2: KVTransfer, 3: Stop, 4: RankStats}
+_KINDS: dict[int, type] = {1: Step, 2: KVTransfer, 3: Stop, 4: RankStats, 5: Reset, 6: Ping}
 _KIND_OF: dict[type, int] = {cls: kind for kind, cls in _KINDS.items()}
 MESSAGE_TYPES: tuple[type, ...] = tuple(_KINDS.values())
 

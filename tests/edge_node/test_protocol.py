@@ -13,8 +13,10 @@ from edge_node.protocol import (
     MESSAGE_TYPES,
     VERSION,
     KVTransfer,
+    Ping,
     ProtocolError,
     RankStats,
+    Reset,
     Step,
     Stop,
     decode,
@@ -28,6 +30,8 @@ SAMPLES = [
     Stop(reason="rank 2 lost"),
     RankStats(rank=3, peak_rss_mb=812.5, bytes_read=10**12, bytes_per_pass=4096, window=2,
               disk_read_bytes=77, config_sha256="ab" * 32),
+    Reset(request="req-7"),
+    Ping(),
 ]
 
 
@@ -68,7 +72,7 @@ def test_header_layout_is_version_kind_and_little_endian_length():
     assert buf[0] == VERSION and buf[1] == 3
     assert struct.unpack_from("<I", buf, 2)[0] == len(buf) - 6
     assert json.loads(buf[6:]) == {"reason": "done"}
-    assert [encode(m)[1] for m in SAMPLES] == [1, 2, 3, 4]
+    assert [encode(m)[1] for m in SAMPLES] == [1, 2, 3, 4, 5, 6]
 
 
 def test_decoded_values_have_canonical_types():

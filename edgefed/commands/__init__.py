@@ -1,4 +1,4 @@
 """One module per subcommand: flags -> a frozen configuration -> a package function -> output."""
 
 COMMANDS = ("generate", "shard", "tp_generate", "prefill", "build_demo_model", "quantize", "import_gguf", "certs",
-            "serve")
+            "serve", "node", "coordinator", "deploy")

@@ -1,0 +1,120 @@
+"""The deploy flow: placement's plan -> shards written into the state directory -> a deployment with one
+assignment per rank, which the node service hands to the chosen nodes (they fetch, verify and start).
+
+The shards are written by edge_node.shard's streaming sharder with placement's ratios; each assignment
+carries the frozen run configuration as JSON (the node fills in its local shard path) and the files to
+fetch with their sizes and sha256.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.placement import ModelFacts, NodeFacts, Placement, place
+from coordinator.server import DEPLOYMENTS_DIR, Changes
+from coordinator.state import AssignmentRecord, DeploymentRecord, NodeRecord, State
+from edge_node.control import DeploymentId, FileRef
+from edge_node.model.config import ModelConfig
+from edge_node.model.errors import UsageError
+from edge_node.model.formats import sha256_file
+from edge_node.run_config import RunConfig
+from edge_node.shard import WEIGHTS, write_shards
+
+SHARDS_PLACEHOLDER = "<node-local shard directory>"
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    model: str  # a Hugging Face model directory on the coordinator's machine
+    nodes: int | tuple[str, ...] | None = None  # a count, node names, or None (placement decides)
+    weights: str = "float32"
+    dtype: str | None = None  # compute dtype (None: the shards')
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise UsageError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if isinstance(self.nodes, int) and self.nodes < 1:
+            raise UsageError(f"nodes must be >= 1, got {self.nodes}")
+
+
+def remove_files(state_dir: str | Path, deployment_id: str) -> None:
+    """Delete a stopped deployment's shard files (its records stay in the state)."""
+    shutil.rmtree(Path(state_dir) / DEPLOYMENTS_DIR / deployment_id, ignore_errors=True)
+
+
+def free_port(host: str = "") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def node_facts(n: NodeRecord) -> NodeFacts:
+    """What placement sees of a node: its latest free memory and disk (heartbeat, else registration)."""
+    hb = n.heartbeat
+    return NodeFacts(n.node_id, n.facts.cores, hb.memory_available if hb else n.facts.memory_available,
+                     hb.disk_free if hb else n.facts.disk_free, n.facts.speed_gflops,
+                     "ready" if n.state == "alive" else n.state)
+
+
+def rank_run_config(req: DeployRequest, plan: Placement, rank: int) -> RunConfig:
+    """The frozen run configuration of one rank (its memory budget when it streams its blocks)."""
+    budget = None if plan.resident else round(plan.ranks[rank].memory_mb, 1)
+    return RunConfig(shards=SHARDS_PLACEHOLDER, dtype=req.dtype, threads=req.threads, memory_mb=budget)
+
+
+def _files(shard_dir: Path, manifest: dict) -> tuple[FileRef, ...]:
+    """Every file of the shard directory (the manifest's with their recorded digests, the rest hashed now)."""
+    listed = {f["path"]: FileRef(f["path"], f["bytes"], f["sha256"]) for f in manifest["files"]}
+    out = []
+    for p in sorted(shard_dir.rglob("*")):
+        rel = p.relative_to(shard_dir).as_posix()
+        if p.is_file():
+            out.append(listed.get(rel) or FileRef(rel, p.stat().st_size, sha256_file(p)))
+    return tuple(out)
+
+
+def deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Changes | None = None,
+           clock: Callable[[], float] = time.time, port: Callable[[], int] = free_port) -> DeploymentRecord:
+    """Place, shard and record a deployment; the nodes pick up their assignments from the feed. One at a
+    time: sharding is heavy, and placement reads free memory that a deployment being made will take."""
+    with _LOCK:
+        return _deploy(state, state_dir, req, changes, clock, port)
+
+
+def _deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Changes | None,
+            clock: Callable[[], float], port: Callable[[], int]) -> DeploymentRecord:
+    cfg = ModelConfig.from_dir(req.model)
+    nodes = state.list_nodes()
+    want: int | Sequence[str] | None = req.nodes
+    plan = place([node_facts(n) for n in nodes], ModelFacts(cfg, req.weights), want)
+    dep_id = DeploymentId(f"d-{secrets.token_hex(4)}")
+    shard_dir = Path(state_dir) / DEPLOYMENTS_DIR / dep_id
+    try:
+        manifest = write_shards(req.model, shard_dir, len(plan.ranks), list(plan.ratios), req.weights)
+    except BaseException:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        raise
+    files = _files(shard_dir, manifest)
+    hosts = {n.node_id: n.advertise_host for n in nodes}
+    head = hosts[plan.ranks[0].node]
+    master, listen = f"{head}:{port()}", f"{head}:{port()}"
+    world = len(plan.ranks)
+    # every rank fetches the whole shard set for now: Manifest.load checks every rank's files are present
+    assignments = [AssignmentRecord(dep_id, r.rank, r.node, world, rank_run_config(req, plan, r.rank).to_json(),
+                                    master, listen if r.rank == 0 else "", files, updated=clock())
+                   for r in plan.ranks]
+    dep = DeploymentRecord(dep_id, str(req.model), req.weights, world, listen, "pending", clock(),
+                           f"ranks on {', '.join(plan.nodes)}; ratios {list(plan.ratios)}")
+    state.add_deployment(dep, assignments)
+    if changes is not None:
+        changes.bump()
+    return dep

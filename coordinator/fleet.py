@@ -1,0 +1,206 @@
+"""The coordinator's deployments as the HTTP API sees them: a model name answered by its newest deployment,
+through a Backend that calls the serving group's rank 0 (edge_node.inference_client).
+
+When the group fails mid-request (a rank crashed, a node was lost: the deployment turns failed or degraded,
+seen by polling its state while tokens stream, or the call itself fails), the request is retried on the
+deployment that re-planning puts in its place (coordinator.recovery), continuing from the tokens already
+sent: the prompt plus those tokens is the new prompt, so a greedy continuation is the same text the
+uninterrupted run would have given. All of it within `retry_timeout_s`; past that, or when no replacement
+can come (re-planning gave up or is off), the request ends with a BackendError naming the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+
+from coordinator.api import Deployment
+from coordinator.backend import BackendError, FinishEvent, GenerationRequest, TokenEvent
+from coordinator.state import DeploymentRecord, RequestRecord, State
+from edge_node.inference_client import FinalEvent, GenerateParams, InferenceClient, InferenceError
+from edge_node.inference_client import TokenEvent as WireToken
+from edge_node.model.errors import PromptError
+
+_REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context": "context"}
+_FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
+          grpc.StatusCode.PERMISSION_DENIED)
+GAVE_UP = "not re-planned"  # coordinator.recovery's word in a deployment's detail when no replacement will come
+
+
+class _GroupLost(Exception):
+    """The serving group failed under a request; a replacement may take it over."""
+
+
+class RemoteBackend:
+    """coordinator.backend's Backend for one model name, over its newest deployment's rank 0."""
+
+    def __init__(self, name: str, resolve: Callable[[], DeploymentRecord | None],
+                 make_client: Callable[[DeploymentRecord], InferenceClient], state: State | None = None,
+                 replan: bool = True, retry_timeout_s: float = 120.0, poll_s: float = 0.5, timeout_s: float = 600.0):
+        self.name, self.resolve, self.make_client, self.state = name, resolve, make_client, state
+        self.replan, self.retry_timeout_s, self.poll_s, self.timeout_s = replan, retry_timeout_s, poll_s, timeout_s
+        self._lock = threading.Lock()
+        self._clients: dict[str, InferenceClient] = {}
+
+    def client(self, dep: DeploymentRecord) -> InferenceClient:
+        with self._lock:
+            for old in [k for k in self._clients if k != dep.deployment_id]:  # a replaced group's channel
+                self._clients.pop(old).close()
+            if dep.deployment_id not in self._clients:
+                self._clients[dep.deployment_id] = self.make_client(dep)
+            return self._clients[dep.deployment_id]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """The generation, recorded in the state as a request (done, failed or cancelled, with its counts)."""
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        dep = self.resolve()
+        if self.state is not None:
+            self.state.add_request(RequestRecord(rid, dep.deployment_id if dep else "", time.time(), "running",
+                                                 len(request.prompt_ids)))
+        count, status, error = 0, "cancelled", ""
+        try:
+            async for event in self._generate(request):
+                count += isinstance(event, TokenEvent)
+                status = "done" if isinstance(event, FinishEvent) else status
+                yield event
+        except Exception as e:
+            status, error = "failed", str(e)
+            raise
+        finally:
+            if self.state is not None:
+                self.state.finish_request(rid, status, time.time(), len(request.prompt_ids), count, error)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        produced: list[int] = []
+        deadline = time.monotonic() + self.retry_timeout_s
+        cause = ""
+        while True:
+            dep = await self._running(deadline, cause)
+            part = replace(request, prompt_ids=(*request.prompt_ids, *produced),
+                           max_new_tokens=request.max_new_tokens - len(produced))
+            try:
+                async for event in self._once(dep, part):
+                    if isinstance(event, TokenEvent):
+                        produced.append(event.token_id)
+                    yield event
+                    if isinstance(event, FinishEvent):
+                        return
+                raise _GroupLost(f"deployment {dep.deployment_id}: the stream ended without a final event")
+            except _GroupLost as e:
+                cause = str(e)
+                if not self.replan:
+                    raise BackendError(cause) from None
+
+    async def _running(self, deadline: float, cause: str) -> DeploymentRecord:
+        """The model's newest deployment once it runs; BackendError when none will within the deadline."""
+        while True:
+            dep = self.resolve()
+            if dep is None:
+                raise BackendError(f"no deployment of {self.name}" + (f" ({cause})" if cause else ""))
+            if dep.state == "running":
+                return dep
+            why = f"deployment {dep.deployment_id} is {dep.state}" + (f": {dep.detail}" if dep.detail else "")
+            final = dep.state in ("failed", "degraded") and (not self.replan or GAVE_UP in dep.detail)
+            if final or time.monotonic() > deadline:
+                waited = "" if final else f" (waited {self.retry_timeout_s:g} s for it to run)"
+                raise BackendError(why + waited + (f"; earlier: {cause}" if cause else ""))
+            await asyncio.sleep(self.poll_s)
+
+    async def _once(self, dep: DeploymentRecord, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """One Generate call on `dep`'s rank 0; _GroupLost when the call fails or the group stops running."""
+        params = GenerateParams(request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p,
+                                seed=request.seed, stop_token_ids=request.stop_ids,
+                                repetition_penalty=request.repetition_penalty, request_id=request.request_id)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stream = self.client(dep).generate(params, timeout_s=self.timeout_s)
+
+        def post(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the loop is gone: nobody listens
+                stream.cancel()
+
+        def work() -> None:
+            try:
+                for e in stream:
+                    post(e)
+            except InferenceError as e:
+                post(e)
+            post(None)
+
+        threading.Thread(target=work, name=f"remote-{request.request_id}", daemon=True).start()
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(events.get(), self.poll_s)
+                except TimeoutError:
+                    self._check_still_running(dep)
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, InferenceError):
+                    raise self._error(dep, item)
+                if isinstance(item, WireToken):
+                    yield TokenEvent(item.id)
+                elif isinstance(item, FinalEvent):
+                    if item.stop_reason == "cancelled":
+                        raise _GroupLost(f"deployment {dep.deployment_id}: rank 0 cancelled the generation")
+                    yield FinishEvent(_REASONS.get(item.stop_reason, "eos"), item.ttft_ms, item.tpot_ms)
+                    return
+        finally:
+            stream.cancel()  # a client that went away (or a lost group) stops the generation on the ranks
+
+    def _check_still_running(self, dep: DeploymentRecord) -> None:
+        now = self.state.get_deployment(dep.deployment_id) if self.state is not None else dep
+        if now is None or now.state != "running":
+            state, detail = (now.state, now.detail) if now else ("gone", "")
+            raise _GroupLost(f"deployment {dep.deployment_id} turned {state} mid-request" +
+                             (f": {detail}" if detail else ""))
+
+    def _error(self, dep: DeploymentRecord, e: InferenceError) -> Exception:
+        if e.field == "prompt_ids":
+            return PromptError(e.details)
+        message = f"deployment {dep.deployment_id}: rank 0 answered {e.code.name}: {e.details}"
+        return BackendError(message) if e.code in _FINAL else _GroupLost(message)
+
+
+class FleetDeployments(Mapping[str, Deployment]):
+    """Deployments by model name (the model directory's name), read from the state at each lookup: the
+    newest deployment of a model that is not stopped answers to its name."""
+
+    def __init__(self, state: State, make_client: Callable[[DeploymentRecord], InferenceClient],
+                 replan: bool = True, retry_timeout_s: float = 120.0):
+        self.state, self.make_client, self.replan, self.retry_timeout_s = state, make_client, replan, retry_timeout_s
+        self._cache: dict[tuple[str, str], Deployment] = {}
+        self._lock = threading.Lock()
+
+    def _current(self) -> dict[str, DeploymentRecord]:
+        out: dict[str, DeploymentRecord] = {}
+        for d in self.state.list_deployments():  # oldest first: the newest wins
+            if d.state != "stopped":
+                out[Path(d.model).name] = d
+        return out
+
+    def __getitem__(self, name: str) -> Deployment:
+        rec = self._current()[name]
+        key = (name, rec.model)
+        with self._lock:
+            if key not in self._cache:
+                backend = RemoteBackend(name, lambda: self._current().get(name), self.make_client, self.state,
+                                        self.replan, self.retry_timeout_s)
+                self._cache[key] = Deployment.for_model(name, rec.model, backend)
+            return self._cache[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())

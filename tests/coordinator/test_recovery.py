@@ -1,0 +1,110 @@
+"""Deployment state from reports (pure), re-planning a broken deployment, and requests against broken ones."""
+
+import asyncio
+import time
+
+import pytest
+
+from coordinator.backend import BackendError, GenerationRequest
+from coordinator.deploy import DeployRequest, deploy
+from coordinator.fleet import RemoteBackend
+from coordinator.recovery import Recovery, RecoveryPolicy
+from coordinator.server import Changes, deployment_state
+from coordinator.state import AssignmentRecord, DeploymentRecord, MemoryState
+from edge_node.control import DeviceFacts
+
+GiB = 1 << 30
+
+
+def _a(rank, node, status="running", code=0, updated=0.0):
+    return AssignmentRecord("d-1", rank, node, 2, "{}", "h:1", status=status, exit_code=code, updated=updated)
+
+
+def test_deployment_state_names_the_first_rank_to_end_and_lost_nodes():
+    assert deployment_state([_a(0, "a"), _a(1, "b")], set()) == ("running", "")
+    assert deployment_state([_a(0, "a"), _a(1, "b", "starting")], set()) == ("pending", "")
+    assert deployment_state([_a(0, "a"), _a(1, "b")], {"b"}) == ("degraded", "node(s) b lost (no heartbeat)")
+    state, detail = deployment_state([_a(0, "a", "crashed", 2, updated=5.0), _a(1, "b", "crashed", -9, updated=4.0)],
+                                     set())
+    assert state == "failed" and detail == "rank 1 on node b crashed (killed by signal 9)"
+
+
+@pytest.fixture
+def fleet_state(tmp_path):
+    s = MemoryState()
+    for name in ("a", "b", "c"):
+        s.register_node(name, DeviceFacts(2, 8 * GiB, 6 * GiB, 50 * GiB, ("CPUExecutionProvider",), 10.0), "127.0.0.1",
+                        now=time.time())
+    return s
+
+
+def _break(state, dep_id):
+    rank = state.assignments(dep_id)[1]
+    state.update_assignment(dep_id, 1, "crashed", time.time(), -9, "", "killed by SIGKILL")
+    state.set_deployment_state(dep_id, "failed", f"rank 1 on node {rank.node_id} crashed")
+
+
+def test_a_failed_deployment_is_replaced_on_the_nodes_alive_until_the_policy_gives_up(fleet_state, tmp_path,
+                                                                                      llama_dir):
+    state = fleet_state
+    first = deploy(state, tmp_path / "state", DeployRequest(str(llama_dir), 2))
+    changes = Changes()
+    recovery = Recovery(state, tmp_path / "state", changes, RecoveryPolicy(max_recoveries=1))
+    assert recovery.step() == []  # nothing broken
+    _break(state, first.deployment_id)
+    state.mark_lost(time.time() + 1)  # every node silent ...
+    for name in ("a", "c"):  # ... but a and c came back
+        state.register_node(name, state.get_node(name).facts, "127.0.0.1", time.time())
+    version = changes.version
+    [(old, new)] = recovery.step()
+    assert old == first.deployment_id and changes.version != version
+    assert state.get_deployment(old).state == "stopped" and f"replaced by {new}" in state.get_deployment(old).detail
+    assert {a.node_id for a in state.assignments(new)} == {"a", "c"}  # b is lost
+    assert not (tmp_path / "state" / "deployments" / old).exists()  # the replaced shards are gone, records stay
+    assert (tmp_path / "state" / "deployments" / new / "manifest.json").is_file()
+    _break(state, new)
+    assert recovery.step() == []  # one re-plan per window: given up, with the cause kept
+    dep = state.get_deployment(new)
+    assert dep.state == "failed" and "crashed; not re-planned: 1 re-plans of llama" in dep.detail
+
+
+def test_no_replacement_when_no_node_is_alive_or_the_model_does_not_fit(fleet_state, tmp_path, llama_dir):
+    state = fleet_state
+    first = deploy(state, tmp_path / "state", DeployRequest(str(llama_dir), 2))
+    _break(state, first.deployment_id)
+    state.mark_lost(time.time() + 1)
+    recovery = Recovery(state, tmp_path / "state", Changes())
+    assert recovery.step() == []
+    assert state.get_deployment(first.deployment_id).detail.endswith("not re-planned: no node is alive")
+    state.register_node("tiny", DeviceFacts(1, 64 << 20, 1 << 20, 1 << 20, (), 1.0), "127.0.0.1", time.time())
+    second = DeploymentRecord("d-x", str(llama_dir), "float32", 1, "h:1", "degraded", time.time(), "node(s) a lost")
+    run_config = state.assignments(first.deployment_id)[0].run_config_json
+    state.add_deployment(second, [AssignmentRecord("d-x", 0, "a", 1, run_config, "h:2")])
+    assert recovery.step() == []
+    assert "not re-planned: not enough memory" in state.get_deployment("d-x").detail
+
+
+def _backend(dep: DeploymentRecord, **kw) -> RemoteBackend:
+    def no_client(_):
+        raise AssertionError("no call may reach a broken group")
+
+    return RemoteBackend("m", lambda: dep, no_client, **kw)
+
+
+async def _drain(backend):
+    return [e async for e in backend.generate(GenerationRequest((1, 2), 4, request_id="r"))]
+
+
+@pytest.mark.parametrize("dep, kw, bound, words", [
+    (DeploymentRecord("d-1", "m", "float32", 2, "h:1", "failed", 0, "rank 1 on node b crashed; not re-planned: x"),
+     {}, 1.0, "is failed: rank 1 on node b crashed"),
+    (DeploymentRecord("d-1", "m", "float32", 2, "h:1", "degraded", 0, "node(s) b lost (no heartbeat)"),
+     {"replan": False}, 1.0, "is degraded: node(s) b lost"),
+    (DeploymentRecord("d-1", "m", "float32", 2, "h:1", "pending", 0, ""),
+     {"retry_timeout_s": 0.3, "poll_s": 0.05}, 2.0, "is pending (waited 0.3 s for it to run)"),
+])
+def test_a_request_to_a_broken_deployment_gets_a_clear_error_within_a_bound(dep, kw, bound, words):
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match=r"deployment d-1 .*") as e:
+        asyncio.run(_drain(_backend(dep, **kw)))
+    assert words in str(e.value) and time.monotonic() - t0 < bound

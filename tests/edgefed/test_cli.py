@@ -25,6 +25,15 @@ def test_building_the_parser_loads_neither_torch_nor_onnxruntime():
     assert r.stdout.strip() == "[]"
 
 
+def test_the_agent_daemons_start_up_path_loads_no_torch():
+    # what `edgefed node` runs before its command: the malloc setting, the parser, the agent module
+    code = ("import sys; from edgefed.cli import _return_freed_memory, build_parser; _return_freed_memory(); "
+            "build_parser(); import edge_node.agent; print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
 def test_the_demo_model_commands_defaults_are_the_builders():
     from edgefed.commands import build_demo_model as cmd
     from emulation import demo_model

@@ -37,6 +37,7 @@ class RunConfig:
     allreduce: str = "star"
     timeout_s: float = 60.0  # every wait on another rank
     drop_page_cache: bool = False
+    adapter: str | None = None  # a PEFT LoRA adapter directory merged into the weights at load (edge_node/adapters.py)
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))

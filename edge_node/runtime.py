@@ -29,7 +29,13 @@ def generate_local(run: RunConfig, on_token: Callable[[int], None] | None = None
         raise UsageError("single-node generation needs a model directory")
     if run.threads:
         torch.set_num_threads(run.threads)
-    model = load_any(run.model, TORCH_NAMES[run.dtype or "float32"], pack=True)  # float or edgefed-quantized
+    dtype = TORCH_NAMES[run.dtype or "float32"]
+    if run.adapter is not None:  # a PEFT LoRA adapter, checked against the model and merged into its weights
+        from edge_node.adapters import load_adapted
+
+        model = load_adapted(run.model, run.adapter, dtype, pack=True)
+    else:
+        model = load_any(run.model, dtype, pack=True)  # float or edgefed-quantized
     report: dict = {}
     step = None
     if run.prefill is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text on this node")
     add_generation_args(p)
     add_prefill_args(p)
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors) merged into the model as it loads")
     p.set_defaults(run=run)
 
 
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     prompt, tok = prompt_from_args(args, model_dir)
     cfg = run_config(args, prompt, prefill_from_args(args, round_up(len(prompt), args.chunk)), model=str(model_dir))
+    if args.adapter:
+        cfg = dataclasses.replace(cfg, adapter=args.adapter)
     stream = None
     if not args.json:
         stream = TextStream(tok)

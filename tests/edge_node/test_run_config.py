@@ -23,7 +23,7 @@ EVERYTHING = RunConfig(
     sampling=SamplingConfig(greedy=False, temperature=0.7, top_k=5, top_p=0.9, seed=3, repetition_penalty=1.1),
     prefill=PrefillOptions(chunk=32, context=64, provider="qnn", strict=True, int8=True, shadow=True,
                            graph_dir="/g", threads=1),
-    memory_mb=900.0, allreduce="gloo", timeout_s=12.5, drop_page_cache=True)
+    memory_mb=900.0, allreduce="gloo", timeout_s=12.5, drop_page_cache=True, adapter="/a")
 
 
 def test_every_field_survives_the_json_round_trip():

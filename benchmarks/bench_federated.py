@@ -1,0 +1,196 @@
+"""Federated LoRA on the demo model: synchronous FedAvg against FedCompass with a straggler, and against
+centralized LoRA on the pooled data.
+
+Clients train for real, in this process, one after another (the machine has 2 shared cores: running them at
+once would time the contention, not the schedule); the wall time of a round is what the clients would take side
+by side: the slowest client's training time x its emulated slowdown, plus its per-round overhead (loading the
+base, reading its data, evaluating; measured) and `--overhead-s` (process start and messaging in a Flower
+deployment, ~20 s per round on this machine's loopback runs). Held-out perplexity is measured on every client's
+partition after every round (not counted in wall time).
+
+    .venv/bin/python benchmarks/bench_federated.py --rounds 3 --steps 8 --straggler email=4 --out /tmp/edgefed-bench/fl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from flwr.supercore.differential_privacy import compute_clip_model_update  # noqa: E402
+
+from edge_node.model.config import ModelConfig  # noqa: E402
+from emulation.corpus import partitions  # noqa: E402
+from federated import compass, models  # noqa: E402
+from federated.aggregation import Update, aggregate  # noqa: E402
+from federated.data import write_client_data  # noqa: E402
+from federated.strategy import add_noise  # noqa: E402
+from federated.task import ClientSettings, Orders, client_evaluate, client_train, params  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "edgefed-demo"
+
+
+def evaluate(clients: dict, orders: Orders, state) -> dict[str, float]:
+    return {name: client_evaluate(s, orders, state)["ppl"] for name, s in clients.items()}
+
+
+def run_strategy(schedule: str, clients: dict, slow: dict, args, target: float | None,
+                 measured: list[tuple[float, float]]) -> list[dict]:
+    """Rounds until `args.rounds` (sync) or until the mean perplexity reaches `target` (at most 4x as many)."""
+    cfg = ModelConfig.from_dir(DEMO)
+    state = models.init_state(cfg, args.rank, seed=0)
+    orders = Orders(round=0, model=str(DEMO), rank=args.rank, lr=args.lr, seq_len=args.seq_len,
+                    train_blocks=args.train_blocks, eval_blocks=args.eval_blocks)
+    ppl = evaluate(clients, orders, state)
+    curve = [{"round": 0, "t": 0.0, "ppl": ppl, "mean_ppl": statistics.mean(ppl.values())}]
+    speeds: dict[str, float] = {}  # measured s/step x slowdown: what the server would measure
+    t = 0.0
+    for rnd in range(1, (args.rounds if target is None else 4 * args.rounds) + 1):
+        steps = (compass.assign_steps(speeds, args.steps, list(clients)) if schedule == "compass"
+                 else {c: args.steps for c in clients})
+        updates, times, up, norms = [], {}, 0, []
+        for name, s in clients.items():
+            o = Orders(**{**orders.__dict__, "round": rnd, "steps": steps[name]})
+            tensors, met = client_train(s, o, state)
+            norms.append(update_norm(tensors, state))
+            if args.dp_clip > 0:  # Flower's client-side fixed clipping, as its fixedclipping_mod applies it
+                tensors = clip(tensors, state, args.dp_clip)
+            speeds[name] = met["s-per-step"] * slow[name]
+            times[name] = met["train-s"] * slow[name] + (met["client-s"] - met["train-s"]) + args.overhead_s
+            measured.append((met["s-per-step"], met["client-s"] - met["train-s"]))
+            updates.append(Update(name, tensors, met["num-examples"], args.rank))
+            up += met["bytes-up"]
+        state, _ = aggregate("fedavg", state, updates)
+        if args.dp_noise > 0:  # the server's Gaussian noise (federated.strategy.add_noise)
+            state = add_noise(state, args.dp_noise, args.dp_clip, len(updates), rnd)
+        t += max(times.values())
+        ppl = evaluate(clients, orders, state)
+        curve.append({"round": rnd, "t": round(t, 2), "ppl": ppl, "mean_ppl": statistics.mean(ppl.values()),
+                      "steps": steps, "slowdown": slow, "client_s": {k: round(v, 2) for k, v in times.items()},
+                      "bytes_up": up, "bytes_down": models.nbytes(state) * len(clients),
+                      "update_l2": [round(n, 4) for n in norms]})
+        print(f"{schedule} round {rnd}: t={t:.1f} s steps={steps} mean ppl {curve[-1]['mean_ppl']:.3f}",
+              file=sys.stderr, flush=True)
+        if target is not None and curve[-1]["mean_ppl"] <= target:
+            break
+    return curve
+
+
+def update_norm(new: dict, old: dict) -> float:
+    return float(torch.cat([(new[n] - old[n]).flatten() for n in new]).norm())
+
+
+def clip(new: dict, old: dict, norm: float) -> dict:
+    names = list(new)
+    arrays = [new[n].numpy().copy() for n in names]
+    compute_clip_model_update(arrays, [old[n].numpy() for n in names], norm)
+    return {n: torch.from_numpy(a) for n, a in zip(names, arrays, strict=True)}
+
+
+def centralized(clients: dict, work: Path, args, total_steps: int) -> dict[str, float]:
+    """One LoRA trained on every client's training files pooled, the same number of steps in all."""
+    train = [f for s in clients.values() for f in json.loads(Path(s.data).read_text())["train"]]
+    pooled = ClientSettings(name="pooled", data=str(write_client_data(work / "pooled.json", train, train[:1])))
+    cfg = ModelConfig.from_dir(DEMO)
+    o = Orders(round=1, model=str(DEMO), rank=args.rank, lr=args.lr, seq_len=args.seq_len, steps=total_steps,
+               train_blocks=args.train_blocks * len(clients), eval_blocks=args.eval_blocks)
+    tensors, _ = client_train(pooled, o, models.init_state(cfg, args.rank, seed=0))
+    return evaluate(clients, o, tensors)
+
+
+def time_to(curve: list[dict], target: float, key: str = "t") -> float | None:
+    return next((c[key] for c in curve if c["mean_ppl"] <= target), None)
+
+
+def calibrate(curves: list[list[dict]], measured: list[tuple[float, float]], extra_s: float) -> float:
+    """Add "t_cal" to every round: the same round timed with the median s/step and per-round overhead of the whole
+    benchmark, so the machine's load swings (2 shared cores) do not favour either schedule."""
+    s_step = statistics.median(m[0] for m in measured)
+    over = statistics.median(m[1] for m in measured) + extra_s
+    for curve in curves:
+        t = 0.0
+        for c in curve:
+            if c["round"]:
+                t += max(n * s_step * c["slowdown"][k] + over for k, n in c["steps"].items())
+            c["t_cal"] = round(t, 2)
+    return s_step
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot([c["t_cal"] for c in curve], [c["mean_ppl"] for c in curve], marker="o", label=name)
+    ax.set_xlabel("wall time (s, clients side by side; median s/step)")
+    ax.set_ylabel("mean held-out perplexity")
+    ax.set_title("federated LoRA, demo model, one 4x straggler")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--train-blocks", type=int, default=64)
+    p.add_argument("--eval-blocks", type=int, default=8)
+    p.add_argument("--partitions", default="json,email")
+    p.add_argument("--straggler", default="email=4", help="NAME=FACTOR")
+    p.add_argument("--overhead-s", type=float, default=0.0, help="added to every client's round time")
+    p.add_argument("--dp-clip", type=float, default=0.0, help="clip every client update to this L2 norm")
+    p.add_argument("--dp-noise", type=float, default=0.0, help="noise multiplier (std = noise x clip / clients)")
+    p.add_argument("--only-sync", action="store_true", help="the synchronous run alone (privacy cost runs)")
+    p.add_argument("--out", default="/tmp/edgefed-bench/fl")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    who, factor = args.straggler.split("=")
+    clients, slow = {}, {}
+    for name, part in partitions(args.partitions.split(",")).items():
+        data = write_client_data(work / f"{name}.json", part.files("train"), part.files("heldout"))
+        clients[name] = ClientSettings(name=name, data=str(data), quant="float32")
+        slow[name] = float(factor) if name == who else 1.0
+    t0 = time.perf_counter()
+    measured: list[tuple[float, float]] = []
+    sync = run_strategy("sync", clients, slow, args, None, measured)
+    target = sync[-1]["mean_ppl"]
+    if args.only_sync:
+        (work / "result.json").write_text(json.dumps({"sync": sync, "args": vars(args)}, indent=1))
+        print(json.dumps({"mean_ppl": [round(c["mean_ppl"], 3) for c in sync],
+                          "update_l2": [c.get("update_l2") for c in sync[1:]]}))
+        return
+    fc = run_strategy("compass", clients, slow, args, target, measured)
+    s_step = calibrate([sync, fc], measured, args.overhead_s)
+    central = centralized(clients, work, args, args.rounds * args.steps * len(clients))
+    ts, tc = time_to(sync, target), time_to(fc, target)
+    cs, cc = time_to(sync, target, "t_cal"), time_to(fc, target, "t_cal")
+    result = {"target_mean_ppl": target, "sync": sync, "compass": fc, "centralized_ppl": central,
+              "time_to_target_s": {"sync": ts, "compass": tc}, "speedup": round(ts / tc, 2) if tc else None,
+              "calibrated_time_to_target_s": {"sync": cs, "compass": cc, "s_per_step": round(s_step, 3)},
+              "calibrated_speedup": round(cs / cc, 2) if cc else None,
+              "full_model_bytes": params(str(DEMO)) * 4,
+              "bench_seconds": round(time.perf_counter() - t0, 1), "args": vars(args)}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    plot({"sync FedAvg": sync, "FedCompass": fc}, work / "ppl_vs_time.png")
+    print(json.dumps({k: result[k] for k in ("target_mean_ppl", "time_to_target_s", "speedup",
+                                             "calibrated_time_to_target_s", "calibrated_speedup", "centralized_ppl",
+                                             "bench_seconds")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

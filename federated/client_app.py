@@ -1,0 +1,51 @@
+"""The Flower ClientApp (Message API): thin handlers over federated.task.
+
+A train message carries the global adapter ("arrays") and the round's orders ("config"); the reply carries
+only the adapter tensors trained ("arrays"), metrics ("metrics") and the client's name ("info").
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from .task import ClientSettings, Orders, client_evaluate, client_train
+
+
+def dp_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side fixed clipping (central DP with the server adding the noise), switched on per
+    session: it acts only when the server's orders carry a clipping norm."""
+    config = msg.content.config_records.get("config")
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[dp_clipping])
+
+
+def _inputs(msg: Message, context: Context):
+    settings = ClientSettings.from_config(dict(context.node_config))
+    orders = Orders.from_config(dict(msg.content["config"]))
+    return settings, orders, msg.content["arrays"].to_torch_state_dict()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings, orders, state = _inputs(msg, context)
+    tensors, metrics = client_train(settings, orders, state)
+    tensors = {n: tensors[n] for n in state if n in tensors}  # in the order sent (Flower's DP mods compare keys)
+    content = RecordDict({"arrays": ArrayRecord(tensors), "metrics": MetricRecord(metrics),
+                          "info": ConfigRecord({"name": settings.name})})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    settings, orders, state = _inputs(msg, context)
+    content = RecordDict({"metrics": MetricRecord(client_evaluate(settings, orders, state)),
+                          "info": ConfigRecord({"name": settings.name})})
+    return Message(content, reply_to=msg)

@@ -3,14 +3,18 @@ assignment per rank, which the node service hands to the chosen nodes (they fetc
 
 The shards are written by edge_node.shard's streaming sharder with placement's ratios; each assignment
 carries the frozen run configuration as JSON (the node fills in its local shard path) and the files to
-fetch with their sizes and sha256.
+fetch with their sizes and sha256: only its own rank's shard files (rank 0 also the embeddings and head),
+plus the manifest and the model's small files; the rank loads with Manifest.load(dir, rank=R).
+
+No address is chosen here: the coordinator's machine cannot know which ports are free on a node. Rank 0's
+node picks its rendezvous and serving ports on its own host and reports them (coordinator.server); the
+other ranks wait for the master to appear in their assignment.
 """
 
 from __future__ import annotations
 
 import secrets
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +29,7 @@ from edge_node.model.config import ModelConfig
 from edge_node.model.errors import UsageError
 from edge_node.model.formats import sha256_file
 from edge_node.run_config import RunConfig
-from edge_node.shard import WEIGHTS, write_shards
+from edge_node.shard import WEIGHTS, rank_paths, write_shards
 
 SHARDS_PLACEHOLDER = "<node-local shard directory>"
 _LOCK = threading.Lock()
@@ -51,12 +55,6 @@ def remove_files(state_dir: str | Path, deployment_id: str) -> None:
     shutil.rmtree(Path(state_dir) / DEPLOYMENTS_DIR / deployment_id, ignore_errors=True)
 
 
-def free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def node_facts(n: NodeRecord) -> NodeFacts:
     """What placement sees of a node: its latest free memory and disk (heartbeat, else registration)."""
     hb = n.heartbeat
@@ -71,6 +69,14 @@ def rank_run_config(req: DeployRequest, plan: Placement, rank: int) -> RunConfig
     return RunConfig(shards=SHARDS_PLACEHOLDER, dtype=req.dtype, threads=req.threads, memory_mb=budget)
 
 
+def rank_files(files: tuple[FileRef, ...], manifest: dict, rank: int) -> tuple[FileRef, ...]:
+    """What rank `rank`'s node fetches: its own shard files and every file the manifest does not list
+    (manifest.json, config.json, tokenizer files ...), never another rank's shards (pure)."""
+    shards = {f["path"] for f in manifest["files"]}
+    mine = rank_paths(manifest, rank)
+    return tuple(f for f in files if f.path not in shards or f.path in mine)
+
+
 def _files(shard_dir: Path, manifest: dict) -> tuple[FileRef, ...]:
     """Every file of the shard directory (the manifest's with their recorded digests, the rest hashed now)."""
     listed = {f["path"]: FileRef(f["path"], f["bytes"], f["sha256"]) for f in manifest["files"]}
@@ -83,15 +89,15 @@ def _files(shard_dir: Path, manifest: dict) -> tuple[FileRef, ...]:
 
 
 def deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Changes | None = None,
-           clock: Callable[[], float] = time.time, port: Callable[[], int] = free_port) -> DeploymentRecord:
+           clock: Callable[[], float] = time.time) -> DeploymentRecord:
     """Place, shard and record a deployment; the nodes pick up their assignments from the feed. One at a
     time: sharding is heavy, and placement reads free memory that a deployment being made will take."""
     with _LOCK:
-        return _deploy(state, state_dir, req, changes, clock, port)
+        return _deploy(state, state_dir, req, changes, clock)
 
 
 def _deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Changes | None,
-            clock: Callable[[], float], port: Callable[[], int]) -> DeploymentRecord:
+            clock: Callable[[], float]) -> DeploymentRecord:
     cfg = ModelConfig.from_dir(req.model)
     nodes = state.list_nodes()
     want: int | Sequence[str] | None = req.nodes
@@ -104,15 +110,12 @@ def _deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Ch
         shutil.rmtree(shard_dir, ignore_errors=True)
         raise
     files = _files(shard_dir, manifest)
-    hosts = {n.node_id: n.advertise_host for n in nodes}
-    head = hosts[plan.ranks[0].node]
-    master, listen = f"{head}:{port()}", f"{head}:{port()}"
     world = len(plan.ranks)
-    # every rank fetches the whole shard set for now: Manifest.load checks every rank's files are present
+    # master and listen stay empty: rank 0's node picks them on its own host and reports them
     assignments = [AssignmentRecord(dep_id, r.rank, r.node, world, rank_run_config(req, plan, r.rank).to_json(),
-                                    master, listen if r.rank == 0 else "", files, updated=clock())
+                                    "", "", rank_files(files, manifest, r.rank), updated=clock())
                    for r in plan.ranks]
-    dep = DeploymentRecord(dep_id, str(req.model), req.weights, world, listen, "pending", clock(),
+    dep = DeploymentRecord(dep_id, str(req.model), req.weights, world, "", "pending", clock(),
                            f"ranks on {', '.join(plan.nodes)}; ratios {list(plan.ratios)}")
     state.add_deployment(dep, assignments)
     if changes is not None:

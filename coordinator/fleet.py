@@ -7,16 +7,24 @@ deployment that re-planning puts in its place (coordinator.recovery), continuing
 sent: the prompt plus those tokens is the new prompt, so a greedy continuation is the same text the
 uninterrupted run would have given. All of it within `retry_timeout_s`; past that, or when no replacement
 can come (re-planning gave up or is off), the request ends with a BackendError naming the cause.
+
+RequestRecorder wraps the HTTP app so that every completion request leaves a record in the state, whether
+it reached a deployment or not: done, failed (a client error such as an unknown model or a bad field, or a
+backend error; with the HTTP status and the error message) or cancelled (the client went away). The backend
+fills in what only it knows (the deployment that answered, token counts) through a context variable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import json
+import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -32,6 +40,22 @@ _REASONS = {"eos": "eos", "stop": "eos", "length": "length", "context": "context
 _FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
           grpc.StatusCode.PERMISSION_DENIED)
 GAVE_UP = "not re-planned"  # coordinator.recovery's word in a deployment's detail when no replacement will come
+log = logging.getLogger("edgefed.coordinator")
+
+
+@dataclass
+class RequestLog:
+    """What the backend learns of the HTTP request being served (RequestRecorder reads it at the end)."""
+
+    request_id: str
+    deployment_id: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = ""  # the backend's: done | failed | cancelled ("": no backend was reached)
+    error: str = ""
+
+
+_REQUEST: contextvars.ContextVar[RequestLog | None] = contextvars.ContextVar("edgefed_request", default=None)
 
 
 class _GroupLost(Exception):
@@ -58,31 +82,39 @@ class RemoteBackend:
             return self._clients[dep.deployment_id]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """The generation, recorded in the state as a request (done, failed or cancelled, with its counts)."""
-        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        """The generation, recorded in the state as a request (done, failed or cancelled, with its counts):
+        through the HTTP request's RequestLog when RequestRecorder serves it, else as a record of its own."""
+        rec = _REQUEST.get()
+        own = rec is None and self.state is not None
+        if rec is None:
+            rec = RequestLog(request.request_id or f"req-{uuid.uuid4().hex[:16]}")
         dep = self.resolve()
-        if self.state is not None:
-            self.state.add_request(RequestRecord(rid, dep.deployment_id if dep else "", time.time(), "running",
-                                                 len(request.prompt_ids)))
-        count, status, error = 0, "cancelled", ""
+        rec.deployment_id, rec.prompt_tokens, rec.completion_tokens = dep.deployment_id if dep else "", \
+            len(request.prompt_ids), 0
+        if own:
+            self.state.add_request(RequestRecord(rec.request_id, rec.deployment_id, time.time(), "running",
+                                                 rec.prompt_tokens))
+        rec.status, rec.error = "cancelled", ""
         try:
-            async for event in self._generate(request):
-                count += isinstance(event, TokenEvent)
-                status = "done" if isinstance(event, FinishEvent) else status
+            async for event in self._generate(request, rec):
+                rec.completion_tokens += isinstance(event, TokenEvent)
+                rec.status = "done" if isinstance(event, FinishEvent) else rec.status
                 yield event
         except Exception as e:
-            status, error = "failed", str(e)
+            rec.status, rec.error = "failed", str(e)
             raise
         finally:
-            if self.state is not None:
-                self.state.finish_request(rid, status, time.time(), len(request.prompt_ids), count, error)
+            if own:
+                self.state.finish_request(rec.request_id, rec.status, time.time(), rec.prompt_tokens,
+                                          rec.completion_tokens, rec.error, deployment_id=rec.deployment_id)
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def _generate(self, request: GenerationRequest, rec: RequestLog) -> AsyncIterator[TokenEvent | FinishEvent]:
         produced: list[int] = []
         deadline = time.monotonic() + self.retry_timeout_s
         cause = ""
         while True:
             dep = await self._running(deadline, cause)
+            rec.deployment_id = dep.deployment_id  # the one answering (a replacement after a retry)
             part = replace(request, prompt_ids=(*request.prompt_ids, *produced),
                            max_new_tokens=request.max_new_tokens - len(produced))
             try:
@@ -204,3 +236,101 @@ class FleetDeployments(Mapping[str, Deployment]):
 
     def __len__(self) -> int:
         return len(self._current())
+
+
+_RECORDED = ("/v1/completions", "/v1/chat/completions")
+_BODY_PEEK = 64 * 1024  # request bytes kept to read the model name from; response bytes kept for the error
+
+
+class RequestRecorder:
+    """ASGI middleware: every POST to the completion routes leaves a request record in `state`.
+
+    The record is added as "running" when the request arrives and finished when the response has ended:
+    done (2xx, the answer sent whole), failed (any other status, or an error event inside a stream, with the
+    HTTP status and the error's message) or cancelled (the client disconnected first; HTTP status 499).
+    """
+
+    def __init__(self, app, state: State, clock: Callable[[], float] = time.time):
+        self.app, self.state, self.clock = app, state, clock
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _RECORDED:
+            await self.app(scope, receive, send)
+            return
+        rec = RequestLog(f"req-{uuid.uuid4().hex[:16]}")
+        body, out = bytearray(), bytearray()
+        seen = {"status": 0, "complete": False, "gone": False, "stream_error": ""}
+        self._try(self.state.add_request, RequestRecord(rec.request_id, "", self.clock(), "running"))
+
+        async def receive_() -> dict:
+            message = await receive()
+            if message["type"] == "http.request" and len(body) < _BODY_PEEK:
+                body.extend(message.get("body", b"")[:_BODY_PEEK - len(body)])
+            elif message["type"] == "http.disconnect" and not seen["complete"]:
+                seen["gone"] = True
+            return message
+
+        async def send_(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if chunk.startswith(b'data: {"error"') and not seen["stream_error"]:
+                    seen["stream_error"] = _error_message(chunk[6:])
+                if seen["status"] != 200 and len(out) < _BODY_PEEK:
+                    out.extend(chunk[:_BODY_PEEK - len(out)])
+                if not message.get("more_body", False) and not seen["gone"]:
+                    seen["complete"] = True  # recorded before the client has the answer: a crash right after
+                    self._finish(rec, seen, bytes(body), bytes(out))  # it cannot lose the record's ending
+            await send(message)
+
+        token = _REQUEST.set(rec)
+        try:
+            await self.app(scope, receive_, send_)
+        except BaseException as e:
+            seen["status"], seen["stream_error"] = seen["status"] or 500, f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            _REQUEST.reset(token)
+            self._finish(rec, seen, bytes(body), bytes(out))
+
+    def _finish(self, rec: RequestLog, seen: dict, body: bytes, out: bytes) -> None:
+        if seen.get("recorded"):
+            return
+        seen["recorded"] = True
+        status = seen["status"]
+        if seen["gone"] or status == 499 or (status == 200 and not seen["complete"]):
+            state, error, status = "cancelled", "the client disconnected", 499
+        elif 200 <= status < 300 and not seen["stream_error"]:
+            state, error = "done", ""
+        else:
+            state = "failed"
+            error = seen["stream_error"] or _error_message(out) or rec.error or f"HTTP {status}"
+        self._try(self.state.finish_request, rec.request_id, state, self.clock(), rec.prompt_tokens,
+                  rec.completion_tokens, error[:2000], deployment_id=rec.deployment_id, http_status=status,
+                  model=_model_name(body))
+
+    @staticmethod
+    def _try(fn, *args, **kw) -> None:
+        try:
+            fn(*args, **kw)
+        except Exception as e:  # a record that cannot be written must not fail the request itself
+            log.error("request record not written: %s: %s", type(e).__name__, e)
+
+
+def _error_message(data: bytes) -> str:
+    """The message of OpenAI's error body ({"error": {"message": ...}}), or "" when it is not one."""
+    try:
+        doc = json.loads(data.decode("utf-8", "replace").strip())
+        return str(doc["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _model_name(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return ""
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return model[:200] if isinstance(model, str) else ""

@@ -5,6 +5,10 @@ field), finds who is calling, calls the state, and answers. Who is calling: with
 name of the peer's certificate (edge_node.tls.peer_name); only behind --insecure, the node id and secret
 that Register handed out, sent as metadata. An unknown node must present a valid enrollment token once.
 
+Rendezvous: rank 0's node picks a free port on its own host for the group's master (and its Inference
+service's), and reports them (ReportRequest.master/listen); the servicer records them and bumps the
+assignment feed, so the other ranks, waiting with their files fetched, start with that master.
+
 Liveness runs beside it: a node whose heartbeats stop for `lost_after_s` is marked lost and every
 deployment with a rank on it degraded, with the cause in its detail.
 """
@@ -183,8 +187,14 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         if not mine or mine[0].node_id != node_id:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"deployment_id/rank: {rep.deployment_id!r} rank {rep.rank} is not assigned to {node_id}")
+        if rep.master or rep.listen:  # rank 0's node chose them on its host (control checked it is rank 0)
+            self.state.set_rendezvous(rep.deployment_id, rep.master or None, rep.listen or None)
+            log.info("deployment %s: rank 0 on %s reported%s%s", rep.deployment_id, node_id,
+                     f" rendezvous {rep.master}" if rep.master else "", f" endpoint {rep.listen}" if rep.listen else "")
         self.state.update_assignment(rep.deployment_id, rep.rank, rep.status, self.clock(), rep.exit_code,
                                      rep.stderr_tail, rep.detail)
+        if rep.master:
+            self.changes.bump()  # the other ranks' assignments now carry the master: they start
         if rep.status in CRASHED:
             log.warning("deployment %s rank %d on %s %s (exit %d): %s", rep.deployment_id, rep.rank, node_id,
                         rep.status, rep.exit_code, rep.detail or rep.stderr_tail[-300:])

@@ -79,6 +79,8 @@ class RequestRecord:
     completion_tokens: int = 0
     finished: float | None = None
     error: str = ""
+    model: str = ""  # the model name the request asked for ("" when its body named none)
+    http_status: int = 0  # the HTTP status it was answered with (0: not answered yet; 499: the client left)
 
 
 class StateError(ValueError):
@@ -125,10 +127,18 @@ class State(ABC):
                           stderr_tail: str = "", detail: str = "") -> AssignmentRecord: ...
 
     @abstractmethod
+    def set_rendezvous(self, deployment_id: DeploymentId, master: str | None = None,
+                       listen: str | None = None) -> DeploymentRecord:
+        """What rank 0's node chose on its host: `master` goes to every rank's assignment, `listen` to rank 0's
+        and to the deployment's endpoint (None: unchanged). StateError for an unknown deployment."""
+
+    @abstractmethod
     def add_request(self, rec: RequestRecord) -> None: ...
     @abstractmethod
     def finish_request(self, request_id: str, status: str, now: float, prompt_tokens: int = 0,
-                       completion_tokens: int = 0, error: str = "") -> RequestRecord: ...
+                       completion_tokens: int = 0, error: str = "", deployment_id: DeploymentId | None = None,
+                       http_status: int | None = None, model: str | None = None) -> RequestRecord:
+        """End a request's record (deployment_id, http_status and model are kept as they were when None)."""
     @abstractmethod
     def get_request(self, request_id: str) -> RequestRecord | None: ...
     @abstractmethod
@@ -222,6 +232,18 @@ class MemoryState(State):
                                            stderr_tail=stderr_tail, detail=detail, updated=now)
             return rec
 
+    def set_rendezvous(self, deployment_id, master=None, listen=None):
+        with self._lock:
+            if deployment_id not in self._deps:
+                raise StateError(f"unknown deployment {deployment_id!r}")
+            for key, a in list(self._asg.items()):
+                if a.deployment_id == deployment_id:
+                    self._asg[key] = replace(a, master=a.master if master is None else master,
+                                             listen=listen if listen is not None and a.rank == 0 else a.listen)
+            if listen is not None:
+                self._deps[deployment_id] = replace(self._deps[deployment_id], endpoint=listen)
+            return self._deps[deployment_id]
+
     def add_request(self, rec):
         _check(rec.status, REQUEST_STATES, "request status")
         with self._lock:
@@ -229,14 +251,18 @@ class MemoryState(State):
                 raise StateError(f"request {rec.request_id!r} exists")
             self._reqs[rec.request_id] = rec
 
-    def finish_request(self, request_id, status, now, prompt_tokens=0, completion_tokens=0, error=""):
+    def finish_request(self, request_id, status, now, prompt_tokens=0, completion_tokens=0, error="",
+                       deployment_id=None, http_status=None, model=None):
         _check(status, REQUEST_STATES, "request status")
         with self._lock:
             if request_id not in self._reqs:
                 raise StateError(f"unknown request {request_id!r}")
-            rec = self._reqs[request_id] = replace(self._reqs[request_id], status=status, finished=now,
-                                                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                                   error=error)
+            old = self._reqs[request_id]
+            rec = self._reqs[request_id] = replace(
+                old, status=status, finished=now, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                error=error, deployment_id=old.deployment_id if deployment_id is None else deployment_id,
+                http_status=old.http_status if http_status is None else http_status,
+                model=old.model if model is None else model)
             return rec
 
     def get_request(self, request_id):
@@ -261,8 +287,10 @@ CREATE TABLE IF NOT EXISTS assignments (deployment_id TEXT NOT NULL REFERENCES d
   stderr_tail TEXT NOT NULL, detail TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (deployment_id, rank));
 CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, deployment_id TEXT NOT NULL, created REAL NOT NULL,
   status TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, finished REAL,
-  error TEXT NOT NULL);
+  error TEXT NOT NULL, model TEXT NOT NULL DEFAULT '', http_status INTEGER NOT NULL DEFAULT 0);
 """
+# columns added since the first schema: (table, column, definition), added to an older file when it opens
+_ADDED = (("requests", "model", "TEXT NOT NULL DEFAULT ''"), ("requests", "http_status", "INTEGER NOT NULL DEFAULT 0"))
 
 
 def _node(row: sqlite3.Row) -> NodeRecord:
@@ -294,6 +322,9 @@ class SqliteState(State):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, definition in _ADDED:
+            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
         with self._lock:
@@ -387,19 +418,45 @@ class SqliteState(State):
             raise StateError(f"deployment {deployment_id!r} has no rank {rank}")
         return _assignment(row)
 
+    def set_rendezvous(self, deployment_id, master=None, listen=None):
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                found = self._db.execute("SELECT 1 FROM deployments WHERE deployment_id = ?",
+                                         (deployment_id,)).fetchone()
+                if found and master is not None:
+                    self._db.execute("UPDATE assignments SET master = ? WHERE deployment_id = ?",
+                                     (master, deployment_id))
+                if found and listen is not None:
+                    self._db.execute("UPDATE assignments SET listen = ? WHERE deployment_id = ? AND rank = 0",
+                                     (listen, deployment_id))
+                    self._db.execute("UPDATE deployments SET endpoint = ? WHERE deployment_id = ?",
+                                     (listen, deployment_id))
+            finally:
+                self._db.execute("COMMIT")
+        if not found:
+            raise StateError(f"unknown deployment {deployment_id!r}")
+        return self.get_deployment(deployment_id)
+
     def add_request(self, rec):
         _check(rec.status, REQUEST_STATES, "request status")
+        fields = asdict(rec)
         try:
-            self._write("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(asdict(rec).values()))
+            self._write(f"INSERT INTO requests ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                        tuple(fields.values()))
         except sqlite3.IntegrityError:
             raise StateError(f"request {rec.request_id!r} exists") from None
 
-    def finish_request(self, request_id, status, now, prompt_tokens=0, completion_tokens=0, error=""):
+    def finish_request(self, request_id, status, now, prompt_tokens=0, completion_tokens=0, error="",
+                       deployment_id=None, http_status=None, model=None):
         _check(status, REQUEST_STATES, "request status")
         with self._lock:
             row = self._db.execute("UPDATE requests SET status = ?, finished = ?, prompt_tokens = ?, "
-                                   "completion_tokens = ?, error = ? WHERE request_id = ? RETURNING *",
-                                   (status, now, prompt_tokens, completion_tokens, error, request_id)).fetchone()
+                                   "completion_tokens = ?, error = ?, deployment_id = COALESCE(?, deployment_id), "
+                                   "http_status = COALESCE(?, http_status), model = COALESCE(?, model) "
+                                   "WHERE request_id = ? RETURNING *",
+                                   (status, now, prompt_tokens, completion_tokens, error, deployment_id, http_status,
+                                    model, request_id)).fetchone()
         if row is None:
             raise StateError(f"unknown request {request_id!r}")
         return RequestRecord(**dict(row))

@@ -4,9 +4,12 @@ It registers with the coordinator (an enrollment token the first time; afterward
 behind --insecure the node secret it was handed, kept in the data directory), heartbeats, and follows the
 coordinator's assignment feed. For each assignment it fetches the deployment's files (resumable, sha256
 checked before use), writes the frozen run configuration with its local shard path, and starts the rank as
-a supervised child. A child's ending comes back to the coordinator as a report with its exit status and
-stderr tail; the agent itself stays up. When the coordinator goes away, the agent reconnects with capped
-exponential backoff; its reports wait in a queue meanwhile. SIGTERM stops the children, then the agent.
+a supervised child. Rank 0's agent picks the group's rendezvous port free on this host, has the rank bind a
+free serving port (--listen HOST:0, read back from its ready file) and reports both; another rank whose
+assignment has no master yet fetches its files and waits for the coordinator to pass rank 0's on. A child's
+ending comes back to the coordinator as a report with its exit status and stderr tail; the agent itself
+stays up. When the coordinator goes away, the agent reconnects with capped exponential backoff; its reports
+wait in a queue meanwhile. SIGTERM stops the children, then the agent.
 
 The agent stays light: it never imports torch (the speed probe, measured once per device, aside); the ranks
 it supervises own the model runtime.
@@ -14,7 +17,6 @@ it supervises own the model runtime.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +35,7 @@ import grpc
 
 from edge_node import control
 from edge_node.control import NODE_ID_KEY, NODE_SECRET_KEY, Assignment, AssignmentSet, FileRef, Registration, Report
+from edge_node.model.checksum import sha256_file  # torch-free, as the agent must be
 from edge_node.model.errors import EdgefedError
 from edge_node.rpc import node_pb2 as pb
 from edge_node.rpc import node_pb2_grpc
@@ -50,15 +53,6 @@ class AgentError(EdgefedError):
 
 class FetchError(AgentError):
     """A fetched file is not the one the assignment names (size or sha256 differ); it is not kept."""
-
-
-def sha256_file(path: Path) -> str:
-    """As edge_node.model.formats.sha256_file, which lives beside torch code: the agent must not import torch."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -331,9 +325,15 @@ class Agent:
                 self.supervisor.stop(name)
         self._remove_unassigned({a.deployment_id for a in s.assignments})
         for name, a in wanted.items():
-            if (a.deployment_id, a.rank) in self.handled or self.stop_event.is_set():
+            key = (a.deployment_id, a.rank)
+            if self.stop_event.is_set():
                 continue
-            self.handled[(a.deployment_id, a.rank)] = "starting"
+            if self.handled.get(key) == "waiting" and a.master:  # rank 0 reported its rendezvous: go
+                self.handled[key] = "starting"
+            elif key in self.handled:
+                continue
+            else:
+                self.handled[key] = "fetching"
             try:
                 self._start(a)
             except (EdgefedError, OSError, grpc.RpcError) as e:
@@ -354,32 +354,51 @@ class Agent:
         return self.data_dir / "deployments" / deployment_id
 
     def _start(self, a: Assignment) -> None:
+        """Fetch the assignment's files (once), then start its rank; a rank other than 0 whose master is not
+        known yet waits (handled "waiting") until an assignment set carries the one rank 0's node reported."""
         d = self.deployment_dir(a.deployment_id)
         shards = d / "shards"
-        self.report(Report(a.deployment_id, a.rank, "fetching"))
-        for f in a.files:
-            self.fetch(a.deployment_id, f, shards / f.path)
+        key = (a.deployment_id, a.rank)
+        if self.handled.get(key) == "fetching":
+            self.report(Report(a.deployment_id, a.rank, "fetching"))
+            for f in a.files:
+                self.fetch(a.deployment_id, f, shards / f.path)
+            if a.rank != 0 and not a.master:
+                self.handled[key] = "waiting"
+                log.info("%s: files fetched; waiting for rank 0's rendezvous address", _child_name(a))
+                return
+            self.handled[key] = "starting"
         cfg_path = d / f"run_config.rank{a.rank}.json"
         cfg_path.write_text(local_run_config(a.run_config_json, shards.name))
         ready = d / f"ready.rank{a.rank}.json"
         ready.unlink(missing_ok=True)
+        master, chosen = a.master, ""
+        if not master:  # rank 0: the rendezvous is on this host, on a port free here
+            master = chosen = f"{self.config.advertise_host}:{free_port()}"
         argv = [*self.config.rank_command, "--run-config", str(cfg_path), "--rank", str(a.rank),
-                "--master", a.master, "--ready-file", str(ready)]
-        if a.rank == 0 and a.listen:
-            argv += ["--listen", a.listen]
+                "--master", master, "--ready-file", str(ready)]
+        if a.rank == 0:  # port 0: the rank binds a free one and writes it to its ready file
+            argv += ["--listen", a.listen or f"{self.config.advertise_host}:0"]
         argv += ["--tls-dir", self.config.tls_dir] if self.config.tls_dir else ["--insecure"]
         name = _child_name(a)
         pid = self.supervisor.start(ChildSpec(name, tuple(argv), cwd=str(d), log_dir=str(d)))
-        self.report(Report(a.deployment_id, a.rank, "starting", detail=f"pid {pid}"))
+        self.report(Report(a.deployment_id, a.rank, "starting", detail=f"pid {pid}", master=chosen))
         threading.Thread(target=self._await_ready, args=(a, name, pid, ready), name=f"ready-{name}",
                          daemon=True).start()
 
     def _await_ready(self, a: Assignment, name: str, pid: int, ready: Path) -> None:
-        """Report "running" once the child wrote its ready file (model loaded, group joined)."""
+        """Report "running" once the child wrote its ready file (model loaded, group joined); rank 0's report
+        carries the address its Inference service listens on, as the ready file says."""
         while self.supervisor.pid(name) == pid and not self.stop_event.is_set():
             if ready.is_file():
+                listen = ""
+                if a.rank == 0:
+                    try:
+                        listen = str(json.loads(ready.read_text()).get("address") or "")
+                    except (OSError, ValueError, AttributeError) as e:
+                        log.error("%s: unreadable ready file %s (%s)", name, ready, e)
                 self.handled[(a.deployment_id, a.rank)] = "running"
-                self.report(Report(a.deployment_id, a.rank, "running", detail=f"pid {pid}"))
+                self.report(Report(a.deployment_id, a.rank, "running", detail=f"pid {pid}", listen=listen))
                 return
             self.stop_event.wait(0.1)
 
@@ -439,6 +458,13 @@ class Agent:
                     raise FetchError(f"{f.path}: chunk at offset {chunk.offset} does not continue at {offset}")
                 out.write(chunk.data)
                 offset += len(chunk.data)
+
+
+def free_port() -> int:
+    """A TCP port free on every interface of this host now (the rank binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def local_run_config(run_config_json: str, shards: str) -> str:

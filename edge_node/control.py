@@ -117,6 +117,8 @@ class Report:
     exit_code: int = 0
     stderr_tail: str = ""
     detail: str = ""
+    master: str = ""  # rank 0 only: HOST:PORT of its rendezvous, on its own host
+    listen: str = ""  # rank 0 only: HOST:PORT its Inference service listens on
 
 
 # --- to protobuf -------------------------------------------------------------------------------------------
@@ -145,7 +147,8 @@ def assignment_set_to_pb(s: AssignmentSet) -> pb.AssignmentSet:
 
 def report_to_pb(r: Report) -> pb.ReportRequest:
     return pb.ReportRequest(deployment_id=r.deployment_id, rank=r.rank, status=r.status, exit_code=r.exit_code,
-                            stderr_tail=r.stderr_tail[-STDERR_TAIL_BYTES:], detail=r.detail)
+                            stderr_tail=r.stderr_tail[-STDERR_TAIL_BYTES:], detail=r.detail, master=r.master,
+                            listen=r.listen)
 
 
 # --- from protobuf (checked) -------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def assignment_set_from_pb(m: pb.AssignmentSet) -> AssignmentSet:
                 raise WireError(f"{w}.files[{j}].sha256", f"expected 64 lowercase hex digits, got {f.sha256!r}")
             files.append(FileRef(check_relative_path(f.path, f"{w}.files[{j}].path"), f.size, f.sha256))
         out.append(Assignment(DeploymentId(check_name(a.deployment_id, f"{w}.deployment_id")), a.rank, a.world,
-                              a.run_config_json, _check_host_port(a.master, f"{w}.master"),
+                              a.run_config_json, _check_host_port(a.master, f"{w}.master") if a.master else "",
                               _check_host_port(a.listen, f"{w}.listen") if a.listen else "", tuple(files)))
     return AssignmentSet(m.version, tuple(out))
 
@@ -209,5 +212,11 @@ def report_from_pb(m: pb.ReportRequest) -> Report:
         raise WireError("rank", f"expected >= 0, got {m.rank}")
     if len(m.stderr_tail) > STDERR_TAIL_BYTES * 2 or len(m.detail) > STDERR_TAIL_BYTES:
         raise WireError("stderr_tail" if len(m.stderr_tail) > STDERR_TAIL_BYTES * 2 else "detail", "too long")
+    for name in ("master", "listen"):
+        value = getattr(m, name)
+        if value and m.rank != 0:
+            raise WireError(name, f"only rank 0 reports its {name} address, not rank {m.rank}")
+        if value:
+            _check_host_port(value, name)  # a bound port: 1..65535
     return Report(DeploymentId(check_name(m.deployment_id, "deployment_id")), m.rank, m.status, m.exit_code,
-                  m.stderr_tail, m.detail)
+                  m.stderr_tail, m.detail, m.master, m.listen)

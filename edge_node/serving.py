@@ -429,7 +429,7 @@ def write_ready(path: str | Path | None, info: dict) -> None:
 def _join_group(run: RunConfig, rank: int, master: str | None, iface: str | None) -> RankEngine:
     """Load this rank's shards and form the group; every rank then reports its config digest (a barrier:
     rank 0 is ready only once every rank has loaded)."""
-    manifest = Manifest.load(run.shards)
+    manifest = Manifest.load(run.shards, rank=rank)  # a node may hold only this rank's files
     if manifest.nodes > 1 and not master:
         raise UsageError(f"{run.shards} is sharded for {manifest.nodes} nodes: give --master HOST:PORT")
     if not 0 <= rank < manifest.nodes:

@@ -269,8 +269,12 @@ class Manifest:
     weights_digest: str | None = None  # formats.weights_digest of the source checkpoint (None: older shards)
 
     @classmethod
-    def load(cls, shard_dir: str | Path) -> Manifest:
-        """Read and check a manifest against itself (plan, layers, vocab chunks) and the files on disk."""
+    def load(cls, shard_dir: str | Path, rank: int | None = None) -> Manifest:
+        """Read and check a manifest against itself (plan, layers, vocab chunks) and the files on disk.
+
+        rank None: every rank's files must be on disk. rank R: only what rank R reads (its layer files, and for
+        rank 0 the embeddings and head chunks), as on a node that was sent only its own rank's files; the
+        manifest itself is still checked whole."""
         d = Path(shard_dir)
         path = d / MANIFEST
         try:
@@ -290,8 +294,13 @@ class Manifest:
             raise ShardError(f"{path}: field 'weights' is {raw['weights']!r}, expected one of {', '.join(WEIGHTS)}")
         cfg = ModelConfig.from_dict(raw["config"], f"{path} (config)")
         plan = _check_plan(raw, cfg, path)
+        if rank is not None and not (isinstance(rank, int) and 0 <= rank < plan.nodes):
+            raise ShardError(f"{path}: rank {rank!r} is not one of this {plan.nodes}-node plan's ranks")
         files = tuple(_shard_file(d, f, path, i) for i, f in enumerate(raw["files"]))
         _check_files(files, cfg, plan.nodes, path)
+        for f in files:
+            if rank is None or f.rank == rank:
+                _check_on_disk(f, path)
         digest = raw.get("weights_digest")
         return cls(d, raw["nodes"], raw["weights"], cfg, plan, files, digest if isinstance(digest, str) else None)
 
@@ -327,12 +336,21 @@ def _shard_file(d: Path, f: object, path: Path, i: int) -> ShardFile:
                         (int(vocab[0]), int(vocab[1])) if vocab is not None else None)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError):
         raise ShardError(f"{path}: files[{i}] lacks a valid path, rank, kind, bytes or sha256") from None
-    if not out.path.is_file():
-        raise CheckpointError(f"{path}: lists missing shard file(s) {out.path}")
-    size = out.path.stat().st_size
-    if size != out.bytes:
-        raise CheckpointError(f"{out.path}: {size} bytes on disk, the manifest says {out.bytes}")
     return out
+
+
+def _check_on_disk(f: ShardFile, path: Path) -> None:
+    if not f.path.is_file():
+        raise CheckpointError(f"{path}: lists missing shard file(s) {f.path} (rank {f.rank}'s {f.kind})")
+    size = f.path.stat().st_size
+    if size != f.bytes:
+        raise CheckpointError(f"{f.path}: {size} bytes on disk, the manifest says {f.bytes}")
+
+
+def rank_paths(manifest: dict, rank: int) -> set[str]:
+    """The manifest's file paths (relative) that rank `rank` reads: what a node running only that rank needs
+    besides the manifest and the copied model files (pure; on a raw manifest as write_shards returns it)."""
+    return {f["path"] for f in manifest["files"] if f["rank"] == rank}
 
 
 def _check_files(files: tuple[ShardFile, ...], cfg: ModelConfig, nodes: int, path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checksum import ChecksumError, sha256_file  # torch-free (the device agent uses them); re-exported here
 from .errors import CheckpointError
 
 # safetensors dtype name -> torch dtype (None: known to safetensors but not computed with here)
@@ -38,11 +39,6 @@ def torch_name(st_dtype: str) -> str:
 
 
 _MAX_HEADER = 100 * 1024 * 1024
-_CHUNK = 1 << 24  # hash in 16 MiB pieces
-
-
-class ChecksumError(CheckpointError):
-    """A file's sha256 differs from the one recorded for it."""
 
 
 def itemsize(dtype: str) -> int:
@@ -209,14 +205,6 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dic
     order = sorted(tensors, key=lambda n: (tensors[n].element_size() != 1, -tensors[n].element_size(), n))
     return write_streaming(path, [(n, ST_NAMES[tensors[n].dtype], tuple(tensors[n].shape),
                                    lambda x=tensors[n]: [x]) for n in order])
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sha256(path: str | Path, got: str, expected: str) -> None:

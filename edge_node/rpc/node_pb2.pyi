@@ -105,20 +105,24 @@ class AssignmentSet(_message.Message):
     def __init__(self, version: _Optional[int] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("deployment_id", "rank", "status", "exit_code", "stderr_tail", "detail")
+    __slots__ = ("deployment_id", "rank", "status", "exit_code", "stderr_tail", "detail", "master", "listen")
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     STDERR_TAIL_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    MASTER_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
     deployment_id: str
     rank: int
     status: str
     exit_code: int
     stderr_tail: str
     detail: str
-    def __init__(self, deployment_id: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ..., exit_code: _Optional[int] = ..., stderr_tail: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    master: str
+    listen: str
+    def __init__(self, deployment_id: _Optional[str] = ..., rank: _Optional[int] = ..., status: _Optional[str] = ..., exit_code: _Optional[int] = ..., stderr_tail: _Optional[str] = ..., detail: _Optional[str] = ..., master: _Optional[str] = ..., listen: _Optional[str] = ...) -> None: ...
 
 class ReportReply(_message.Message):
     __slots__ = ()

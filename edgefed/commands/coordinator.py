@@ -82,7 +82,7 @@ def _start_http(args, servicer, state, secrets, stop):
 
     from coordinator.admin import admin_router, deploy_handler
     from coordinator.api import create_app
-    from coordinator.fleet import FleetDeployments
+    from coordinator.fleet import FleetDeployments, RequestRecorder
     from coordinator.metrics import NodeSample
     from edge_node.inference_client import InferenceClient
 
@@ -112,7 +112,8 @@ def _start_http(args, servicer, state, secrets, stop):
                      deploy=deploy_handler(state, args.state, servicer.changes), nodes=nodes)
     app.include_router(admin_router(state, args.state, servicer.changes, admin_key))
     host, _, port = args.http.rpartition(":")
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning"))
+    recorded = RequestRecorder(app, state)  # every completion request leaves a record, answered or refused
+    server = uvicorn.Server(uvicorn.Config(recorded, host=host, port=int(port), log_level="warning"))
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     sec.add_argument("--tls-dir", help="ca.pem, node.pem, node.key (from `edgefed certs node NAME`)")
     sec.add_argument("--insecure", action="store_true", help="plain text: only on a trusted test network")
     p.add_argument("--name", help="this node's name (default: the certificate's name, else the host name)")
-    p.add_argument("--advertise", metavar="HOST", help="the address other ranks reach this node at "
+    p.add_argument("--advertise", metavar="HOST", help="the address other ranks (and the coordinator) reach this "
+                   "node at; as rank 0 it picks its rendezvous and serving ports free on this host and reports them "
                    "(default: this machine's address on the route to the coordinator)")
     p.add_argument("--heartbeat", type=positive_float, help="seconds between heartbeats (default: the coordinator's)")
     p.add_argument("--backoff-max", type=positive_float, default=10.0, help="cap of the reconnect backoff, seconds")

@@ -4,6 +4,7 @@ until SIGTERM (writing --ready-file), or crashes with a message on stderr (--mod
 import argparse
 import json
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,22 @@ args = p.parse_args()
 run = json.loads(Path(args.run_config).read_text())
 assert run["shards"] == "shards", run["shards"]  # relative to the working directory: the same on every node
 manifest = json.loads((Path(run["shards"]) / "manifest.json").read_text())
-assert all((Path(run["shards"]) / f["path"]).is_file() for f in manifest["files"]), "missing shard files"
+mine = [f for f in manifest["files"] if f["rank"] == args.rank]
+assert mine and all((Path(run["shards"]) / f["path"]).is_file() for f in mine), "missing shard files"
+host, _, port = args.master.rpartition(":")
+assert host and int(port) > 0, f"--master {args.master}"
 if args.mode == f"crash-rank{args.rank}":
     print(f"rank {args.rank}: loading shards", file=sys.stderr)
     print(f"boom: rank {args.rank} cannot go on", file=sys.stderr)
     sys.exit(3)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-Path(args.ready_file).write_text(json.dumps({"rank": args.rank, "address": args.listen}))
+address = None
+if args.rank == 0:  # as `edgefed serve`: port 0 binds a free one, and the ready file says which
+    server = socket.socket()
+    host, _, port = args.listen.rpartition(":")
+    server.bind((host, int(port)))
+    server.listen(1)
+    address = f"{host}:{server.getsockname()[1]}"
+Path(args.ready_file).write_text(json.dumps({"rank": args.rank, "address": address}))
 while True:
     time.sleep(0.2)

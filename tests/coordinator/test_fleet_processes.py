@@ -65,6 +65,12 @@ def test_coordinator_restart_loses_no_record_and_nodes_reconnect_by_themselves(f
     dep = json.loads(out.stdout)
     assert dep["state"] == "running" and sorted(a["node_id"] for a in dep["assignments"]) == ["a", "b"]
     fleet.view.add_request(RequestRecord("req-1", dep["deployment_id"], time.time(), "done", 3, 5, time.time()))
+    refused = _post_completion(fleet.http, key, {"model": "no-such-model", "prompt": "hi"})
+    assert refused == 404  # a client error through the coordinator's API is recorded too
+    # the endpoint rank 0's node reported (a port it chose on its own host), and the master it gave rank 1
+    rank0, rank1 = fleet.view.assignments(dep["deployment_id"])
+    assert fleet.view.get_deployment(dep["deployment_id"]).endpoint == rank0.listen
+    assert rank0.listen.startswith("127.0.0.1:") and rank1.master == rank0.master != ""
     before = {n.node_id: n for n in fleet.view.list_nodes()}
 
     fleet.procs.stop("coordinator", signal.SIGKILL)
@@ -78,6 +84,8 @@ def test_coordinator_restart_loses_no_record_and_nodes_reconnect_by_themselves(f
         {k: (v.facts.cores, v.facts.memory_total, v.registered_at) for k, v in before.items()}
     assert fleet.view.get_deployment(dep["deployment_id"]).state == "running"
     assert fleet.view.get_request("req-1").completion_tokens == 5
+    [api] = [r for r in fleet.view.list_requests() if r.request_id != "req-1"]
+    assert (api.status, api.http_status, api.model) == ("failed", 404, "no-such-model")
     for name in "ab":  # the daemons kept their ranks running through the restart
         assert fleet.procs.procs[name].poll() is None
     # SIGTERM to a daemon: its rank is stopped and the coordinator told so before it exits
@@ -103,11 +111,15 @@ def test_a_crashing_rank_comes_back_as_a_report_and_the_daemon_stays_up(fleet, l
     dep = wait_until(lambda: fleet.view.get_deployment(dep_id).state == "failed" and fleet.view.get_deployment(
         dep_id), 10, "the deployment to fail")
     assert f"rank 1 on node {rank1.node_id} crashed (exit status 3)" in dep.detail
-    # the files each node fetched are the coordinator's, byte for byte
-    for name in "ab":
-        shards = fleet.tmp / f"data-{name}" / "deployments" / dep_id / "shards"
-        for f in fleet.view.assignments(dep_id)[0].files:
+    # the files each node fetched are the coordinator's, byte for byte, and only its own rank's shards
+    manifest = json.loads((fleet.state_dir / "deployments" / dep_id / "manifest.json").read_text())
+    for a in fleet.view.assignments(dep_id):
+        shards = fleet.tmp / f"data-{a.node_id}" / "deployments" / dep_id / "shards"
+        for f in a.files:
             assert (shards / f.path).read_bytes() == (fleet.state_dir / "deployments" / dep_id / f.path).read_bytes()
+        held = {p.relative_to(shards).as_posix() for p in shards.rglob("*") if p.is_file()}
+        assert held == {f.path for f in a.files}
+        assert {f["rank"] for f in manifest["files"] if f["path"] in held} == {a.rank}
     t0 = time.time()
     wait_until(lambda: fleet.view.get_node(rank1.node_id).last_heartbeat > t0 + 0.5, 10,
                "the crashed rank's node to keep heartbeating")
@@ -120,3 +132,15 @@ def test_a_crashing_rank_comes_back_as_a_report_and_the_daemon_stays_up(fleet, l
     assert json.loads(urllib.request.urlopen(req, timeout=10).read())["state"] == "stopped"
     wait_until(lambda: fleet.view.assignments(dep_id)[0].status == "stopped", 20, "rank 0 to be stopped")
     assert fleet.procs.stop("a") == 0 and fleet.procs.stop("b") == 0
+
+
+def _post_completion(http: str, key: str, body: dict) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{http}/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(req, timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code

@@ -96,6 +96,10 @@ def test_malformed_register_is_invalid_argument_naming_the_field(service, mutate
     (pb.ReportRequest(deployment_id="D 1", rank=0, status="running"), "deployment_id"),
     (pb.ReportRequest(deployment_id="d-1", rank=-1, status="running"), "rank"),
     (pb.ReportRequest(deployment_id="d-1", rank=0, status="running", detail="x" * 5000), "detail"),
+    (pb.ReportRequest(deployment_id="d-1", rank=1, status="starting", master="10.0.0.2:4000"), "master"),
+    (pb.ReportRequest(deployment_id="d-1", rank=1, status="running", listen="10.0.0.2:4001"), "listen"),
+    (pb.ReportRequest(deployment_id="d-1", rank=0, status="starting", master="10.0.0.2"), "master"),
+    (pb.ReportRequest(deployment_id="d-1", rank=0, status="running", listen="10.0.0.2:0"), "listen"),
 ])
 def test_malformed_report_is_invalid_argument_naming_the_field(service, request_, field):
     _, stub, _ = service
@@ -139,3 +143,29 @@ def test_the_assignment_feed_sends_the_set_then_each_change(service, tmp_path):
     call.cancel()
     assert second.version != first.version and [a.deployment_id for a in second.assignments] == ["d-1"]
     assert second.assignments[0].files[0].path == "rank0/w.bin"
+
+
+def test_rank_zeros_reported_rendezvous_goes_to_the_other_ranks_and_the_endpoint(service):
+    servicer, stub, _ = service
+    md0, md1 = _register(stub), _register(stub, "n2")
+    run = "{}"
+    servicer.state.add_deployment(DeploymentRecord("d-2", "m", "float32", 2, ""),
+                                  [AssignmentRecord("d-2", 0, "n1", 2, run, ""),
+                                   AssignmentRecord("d-2", 1, "n2", 2, run, "")])
+    code, _ = _code(lambda: stub.Report(pb.ReportRequest(deployment_id="d-2", rank=0, status="starting",
+                                                         master="10.9.9.9:4000"), timeout=5, metadata=md1))
+    assert code == grpc.StatusCode.PERMISSION_DENIED  # only the node holding rank 0 reports it
+    call = stub.Assignments(pb.AssignmentsRequest(known_version=0), timeout=10, metadata=md1)
+    waiting = control.assignment_set_from_pb(next(call))
+    assert [(a.rank, a.master) for a in waiting.assignments] == [(1, "")]  # nothing to start with yet
+    stub.Report(pb.ReportRequest(deployment_id="d-2", rank=0, status="starting", master="10.0.0.1:4000"),
+                timeout=5, metadata=md0)
+    ready = control.assignment_set_from_pb(next(call))  # the report bumped the feed
+    call.cancel()
+    assert [(a.rank, a.master) for a in ready.assignments] == [(1, "10.0.0.1:4000")]
+    assert servicer.state.get_deployment("d-2").endpoint == ""
+    stub.Report(pb.ReportRequest(deployment_id="d-2", rank=0, status="running", listen="10.0.0.1:4001"),
+                timeout=5, metadata=md0)
+    assert servicer.state.get_deployment("d-2").endpoint == "10.0.0.1:4001"
+    assert [(a.master, a.listen) for a in servicer.state.assignments("d-2")] == [("10.0.0.1:4000", "10.0.0.1:4001"),
+                                                                                 ("10.0.0.1:4000", "")]

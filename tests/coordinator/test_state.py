@@ -117,3 +117,43 @@ def test_sqlite_state_survives_reopening(tmp_path):
     assert (t.get_deployment("d-1"), t.assignments("d-1")) == (dep, asg)
     assert t.get_request("r1").status == "queued"
     t.close()
+
+
+def test_rank_zeros_rendezvous_reaches_every_rank_and_the_endpoint(state):
+    _deployment(state)
+    dep = state.set_rendezvous("d-1", master="10.0.0.7:41000")
+    assert [a.master for a in state.assignments("d-1")] == ["10.0.0.7:41000"] * 2
+    assert dep.endpoint == "127.0.0.1:5000"  # listen not given: unchanged
+    dep = state.set_rendezvous("d-1", listen="10.0.0.7:42000")
+    assert dep.endpoint == "10.0.0.7:42000" == state.get_deployment("d-1").endpoint
+    assert [(a.master, a.listen) for a in state.assignments("d-1")] == [("10.0.0.7:41000", "10.0.0.7:42000"),
+                                                                        ("10.0.0.7:41000", "")]
+    with pytest.raises(StateError, match="unknown deployment"):
+        state.set_rendezvous("d-9", master="h:1")
+
+
+def test_a_request_finished_before_it_reached_a_deployment_keeps_its_status(state):
+    state.add_request(RequestRecord("r1", "", created=1.0, status="running", model="demo"))
+    r = state.finish_request("r1", "failed", now=2.0, error="model: no such model", http_status=404)
+    assert (r.deployment_id, r.model, r.http_status, r.error) == ("", "demo", 404, "model: no such model")
+    state.add_request(RequestRecord("r2", "", created=3.0, status="running", model="demo"))
+    r = state.finish_request("r2", "done", now=4.0, prompt_tokens=3, completion_tokens=2, deployment_id="d-1",
+                             http_status=200)
+    assert (r.deployment_id, r.http_status, state.list_requests("d-1")) == ("d-1", 200, [r])
+
+
+def test_an_older_state_file_gains_the_new_request_columns(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "coordinator.sqlite3")
+    db.execute("CREATE TABLE requests (request_id TEXT PRIMARY KEY, deployment_id TEXT NOT NULL, created REAL NOT "
+               "NULL, status TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
+               "finished REAL, error TEXT NOT NULL)")
+    db.execute("INSERT INTO requests VALUES ('old', 'd-1', 1.0, 'done', 3, 4, 2.0, '')")
+    db.commit()
+    db.close()
+    s = SqliteState(tmp_path)
+    assert s.get_request("old") == RequestRecord("old", "d-1", 1.0, "done", 3, 4, 2.0, "", "", 0)
+    s.add_request(RequestRecord("new", "", 3.0, "running", model="demo"))
+    assert s.finish_request("new", "cancelled", 4.0, http_status=499).model == "demo"
+    s.close()

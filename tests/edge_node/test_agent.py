@@ -2,6 +2,7 @@
 assignment -> child -> report path; capped backoff."""
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def test_an_assignment_is_fetched_started_and_its_crash_reported(service, tmp_pa
     d = Path(servicer.dir) / "deployments" / "d-1"
     (d / "rank0").mkdir(parents=True)
     (d / "rank0" / "w.bin").write_bytes(b"weights" * 100)
-    (d / "manifest.json").write_text('{"files": [{"path": "rank0/w.bin"}]}')
+    (d / "manifest.json").write_text('{"files": [{"path": "rank0/w.bin", "rank": 0}]}')
     ref, manifest = _file_ref(d, "rank0/w.bin"), _file_ref(d, "manifest.json")
     run = RunConfig(shards="placeholder").to_json()
     rec = AssignmentRecord("d-1", 0, "n1", 1, run, "127.0.0.1:2", "127.0.0.1:3", (ref, manifest))
@@ -98,6 +99,45 @@ def test_an_assignment_is_fetched_started_and_its_crash_reported(service, tmp_pa
     assert len(sent) == 3 and agent.supervisor.running() == []
     agent.apply(AssignmentSet(3, ()))  # no longer assigned: its files go
     assert not (tmp_path / "agent" / "deployments" / "d-1").exists()
+
+
+def test_rank_zeros_node_picks_its_ports_and_the_other_ranks_wait_for_its_master(service, tmp_path):
+    import json
+
+    servicer, stub, _ = service
+    md = _register(stub)
+    d = Path(servicer.dir) / "deployments" / "d-1"
+    for r in (0, 1):
+        (d / f"rank{r}").mkdir(parents=True)
+        (d / f"rank{r}" / "w.bin").write_bytes(b"w" * (100 + r))
+    (d / "manifest.json").write_text(json.dumps({"files": [{"path": f"rank{r}/w.bin", "rank": r} for r in (0, 1)]}))
+    man = _file_ref(d, "manifest.json")
+    run = RunConfig(shards="placeholder").to_json()
+    recs = [AssignmentRecord("d-1", r, "n1", 2, run, "", "", (_file_ref(d, f"rank{r}/w.bin"), man)) for r in (0, 1)]
+    servicer.state.add_deployment(DeploymentRecord("d-1", "m", "float32", 2, ""), recs)
+    agent = _agent(tmp_path, stub, md)
+    agent.config = AgentConfig("unused:1", tmp_path / "agent", "n1", "127.0.0.1",
+                               rank_command=(sys.executable, str(FAKE_RANK)))
+    sent = []
+    agent.report = sent.append
+    try:
+        agent.apply(AssignmentSet(1, tuple(r.to_assignment() for r in recs)))
+        wait_until(lambda: any(r.status in ("running", "failed", "crashed") for r in sent), 30, "rank 0 running")
+        assert not [r for r in sent if r.status in ("failed", "crashed")], sent
+        by = {(r.rank, r.status): r for r in sent}
+        master, listen = by[(0, "starting")].master, by[(0, "running")].listen
+        assert master.startswith("127.0.0.1:") and int(master.rpartition(":")[2]) > 0  # on its advertised host
+        assert listen.startswith("127.0.0.1:") and listen != "127.0.0.1:0" and listen != master
+        assert [(r.rank, r.status) for r in sent if r.rank == 1] == [(1, "fetching")]  # fetched, not started
+        assert agent.handled[("d-1", 1)] == "waiting" and agent.supervisor.running() == ["d-1/rank0"]
+        shards = tmp_path / "agent" / "deployments" / "d-1" / "shards"
+        assert (shards / "rank1" / "w.bin").is_file()
+        agent.apply(AssignmentSet(2, tuple(replace(r, master=master).to_assignment() for r in recs)))
+        wait_until(lambda: (1, "running") in {(r.rank, r.status) for r in sent}, 30, "rank 1 running")
+        assert by[(0, "running")].master == "" and [r for r in sent if r.rank == 1][-1].listen == ""
+        assert sorted(agent.supervisor.running()) == ["d-1/rank0", "d-1/rank1"]
+    finally:
+        agent.supervisor.stop_all()
 
 
 def _file_ref(d: Path, rel: str):
@@ -120,5 +160,23 @@ def test_the_agent_rewrites_only_the_shard_path_and_never_imports_torch():
     assert local == RunConfig.from_json(local).to_json()  # what RunConfig itself writes: digests agree
     assert json.loads(local)["shards"] == "shards" and RunConfig.from_json(local).memory_mb == 300.0
     code = "import sys, edge_node.agent, edge_node.probe, edge_node.supervisor; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip() == "False"
+
+
+def test_the_agent_verifies_with_the_one_torch_free_sha256(tmp_path):
+    import hashlib
+    import subprocess
+
+    import edge_node.agent as agent
+    from edge_node.model import checksum, formats
+    from edge_node.shard import ShardChecksumError
+
+    assert agent.sha256_file is checksum.sha256_file is formats.sha256_file  # no copy of its own
+    assert formats.ChecksumError is checksum.ChecksumError is ShardChecksumError
+    f = tmp_path / "blob"
+    f.write_bytes(b"x" * ((1 << 24) + 5))  # crosses a read chunk
+    assert checksum.sha256_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    code = "import sys, edge_node.model.checksum; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           timeout=60).stdout.strip() == "False"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -81,6 +82,32 @@ def test_manifest_lists_every_file_with_size_sha256_and_config(llama_dir, tmp_pa
     m = Manifest.load(tmp_path / "s")
     assert [f.layer for f in m.stream_files(1)] == [0, 1, 2, 3]
     assert m.stream_files(0)[-1].kind == "head"
+
+
+def test_a_rank_loads_with_only_its_own_files_present(llama_dir, tmp_path):
+    from edge_node.model.errors import CheckpointError
+    from edge_node.shard import rank_paths
+
+    raw = write_shards(llama_dir, tmp_path / "s", 2, [2, 1])
+    for rank in (0, 1):  # a node sent only this rank's files (plus manifest and model files)
+        d = tmp_path / f"only{rank}"
+        shutil.copytree(tmp_path / "s", d)
+        for f in raw["files"]:
+            if f["path"] not in rank_paths(raw, rank):
+                (d / f["path"]).unlink()
+        m = Manifest.load(d, rank=rank)
+        assert all(f.path.is_file() for f in m.stream_files(rank))
+        assert m.plan.nodes == 2 and len(m.files) == len(raw["files"])  # the whole manifest is still checked
+        with pytest.raises(CheckpointError, match=f"missing shard file.*rank {1 - rank}"):
+            Manifest.load(d)  # the default still wants every rank's files
+        with pytest.raises(CheckpointError, match="missing shard file"):
+            Manifest.load(d, rank=1 - rank)
+    assert {f["kind"] for f in raw["files"] if f["path"] in rank_paths(raw, 1)} == {"layer"}  # no embed/head
+    (tmp_path / "only1" / "rank1" / "layer0002.safetensors").write_bytes(b"short")
+    with pytest.raises(CheckpointError, match="5 bytes on disk"):
+        Manifest.load(tmp_path / "only1", rank=1)
+    with pytest.raises(ShardError, match="rank 2 is not one of this 2-node plan's ranks"):
+        Manifest.load(tmp_path / "s", rank=2)
 
 
 def test_head_is_chunked_no_bigger_than_a_layer(tmp_path):

@@ -3,3 +3,4 @@
 COMMANDS = ("generate", "shard", "tp_generate", "prefill", "build_demo_model", "quantize", "import_gguf", "certs",
             "serve", "node", "coordinator", "deploy")
 COMMANDS += ("fl",)  # federated LoRA rounds on Flower
+COMMANDS += ("train_exits", "cloud_serve")  # early exit with a cloud tier

@@ -1,0 +1,342 @@
+"""Early exit with a cloud tier (CE-CoLLM) on the demo model and SmolLM2-135M-Instruct.
+
+    .venv/bin/python benchmarks/bench_early_exit.py [--models demo,smollm2] [--out DIR]
+
+Per model: exit heads trained by `edge_node.exit_train` on the stdlib corpus' train split (hidden states cached
+once), evaluated on held-out stdlib files (the demo model never saw them; SmolLM2 was not trained on this split).
+
+- top-1 agreement of each exit head with the last layer, untrained (final norm + lm_head: the logit lens) and
+  trained, on held-out text.
+- a threshold sweep (0.3 .. 0.95, and off) per split k, on held-out text with every position given the true
+  prefix (teacher forcing; exact for the system, since deferred catch-up keeps every hidden state exact):
+  fraction of tokens leaving at each exit, greedy agreement with the full model, perplexity change, cloud
+  layer-evaluations and cloud compute (weight MACs) per token against cloud-only serving and against the naive
+  split at the same k, uplink bytes per token (float16 codec).
+- end-to-end latency per token of greedy collaborative generation (in-process cloud tier, measured compute)
+  under an INJECTED link of 20 ms round trip and 50 Mbit/s, against cloud-only (the whole model on the cloud,
+  one round trip per token) and the naive split (exits off); measured interleaved in one process.
+- the int8 codec's quality cost against float16 at each k.
+The machine is shared (2 cores, other jobs running): compute times are medians of interleaved runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coordinator.cloud import CloudContextManager, InProcessTransport  # noqa: E402
+from edge_node.cloud_link import SessionSpec, generate_collaborative  # noqa: E402
+from edge_node.early_exit import OFF, ExitHeads, ExitPolicy  # noqa: E402
+from edge_node.exit_train import ExitTrainConfig, HiddenCache, agreement, collect_hidden, token_chunks, train_exit_heads  # noqa: E402,E501
+from edge_node.model import Tokenizer, load_model  # noqa: E402
+from edge_node.model.decode import generate  # noqa: E402
+from emulation.corpus import corpus_files  # noqa: E402
+from quant.codec import decode, encode  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "demo": dict(dir=ROOT / "models" / "edgefed-demo", exits=(2, 3, 4), splits=(3, 4), train=4096, heldout=2048,
+                 gen=48, steps=150),
+    "smollm2": dict(dir=Path(os.environ.get("EDGEFED_CACHE", Path.home() / ".cache" / "edgefed")) / "models"
+                    / "SmolLM2-135M-Instruct", exits=(15, 20), splits=(15, 20), train=4096, heldout=2048, gen=16,
+                    steps=30),
+}
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+LATENCY_THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
+RTT_S, BW_BPS = 0.020, 50e6  # the injected link
+PROMPTS = ["def read_config(path):\n", "class Stack:\n    def __init__(self):\n", "import os\n\n\ndef walk(root):\n"]
+
+
+def texts(split: str, stride: int):
+    for p in corpus_files(split)[::stride]:
+        yield p.read_text(encoding="utf-8")
+
+
+def cached_hidden(name: str, model, tok, split: str, tokens: int, layers, cache_dir: Path) -> tuple[HiddenCache, list]:
+    """Hidden states (and the token ids they came from), computed once and kept in cache_dir."""
+    path = cache_dir / f"{name}-{split}-{tokens}-{'_'.join(map(str, layers))}.pt"
+    if path.is_file():
+        blob = torch.load(path)
+        return HiddenCache(blob["at"], blob["final"]), blob["chunks"]
+    stride = 20 if split == "train" else 1
+    chunks = token_chunks(texts(split, stride), lambda t: tok.encode(t, add_special_tokens=False), 256, tokens)
+    cache = collect_hidden(model, chunks, layers)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"at": cache.at, "final": cache.final, "chunks": chunks}, path)
+    return cache, chunks
+
+
+@torch.no_grad()
+def sweep(model, heads: ExitHeads, ev: HiddenCache, chunks, k: int) -> list[dict]:
+    """Teacher-forced threshold sweep for split k on held-out rows (predicting each next token in its chunk)."""
+    cfg = model.config
+    w = model.lm_head.float()
+    targets = torch.cat([torch.tensor(c[1:] + [-1]) for c in chunks])  # the next token (-1: none, chunk end)
+    scored = targets >= 0
+    full_lp = torch.log_softmax(F.linear(model.norm(ev.final).float(), w), -1)
+    full_tok = full_lp.argmax(-1)
+    exits = [e for e in heads.layers if e <= k]
+    lp = {e: torch.log_softmax(F.linear(heads.heads[str(e)].features(ev.at[e]), w), -1) for e in exits}
+    conf = {e: lp[e].exp().max(-1).values for e in exits}
+    hidden, n = cfg.hidden_size, ev.rows
+    layer_macs = _layer_macs(cfg)
+    head_macs = cfg.vocab_size * hidden
+    full_nll = -full_lp[scored.nonzero()[:, 0], targets[scored]].mean()
+    rows = []
+    for t in (*THRESHOLDS, None):
+        where = torch.full((n,), -1)  # -1: the cloud answers
+        if t is not None:
+            for e in reversed(exits):  # the first confident exit wins: assign deepest first, then overwrite
+                where = torch.where(conf[e] > t, torch.full_like(where, e), where)
+        chosen_lp = full_lp.clone()
+        for e in exits:
+            chosen_lp[where == e] = lp[e][where == e]
+        tok = chosen_lp.argmax(-1)
+        nll = -chosen_lp[scored.nonzero()[:, 0], targets[scored]].mean()
+        cloud_frac = float((where == -1).float().mean())
+        cloud_macs = (cfg.num_layers - k) * layer_macs + cloud_frac * head_macs
+        naive_macs = (cfg.num_layers - k) * layer_macs + head_macs
+        only_macs = cfg.num_layers * layer_macs + head_macs
+        rows.append({
+            "k": k, "threshold": "off" if t is None else t,
+            "exit_frac": {str(e): float((where == e).float().mean()) for e in exits},
+            "edge_frac": 1 - cloud_frac,
+            "greedy_agreement": float((tok == full_tok).float().mean()),
+            "ppl": math.exp(float(nll)), "ppl_full": math.exp(float(full_nll)),
+            "cloud_layer_evals_per_token": cfg.num_layers - k,
+            "cloud_layer_evals_saved_vs_cloud_only": k / cfg.num_layers,
+            "cloud_macs_saved_vs_cloud_only": 1 - cloud_macs / only_macs,
+            "cloud_macs_saved_vs_naive_split": 1 - cloud_macs / naive_macs,
+            "cloud_requests_per_token": cloud_frac,
+            "uplink_bytes_per_token": hidden * 2 + 4,
+        })
+    return rows
+
+
+def _layer_macs(cfg) -> int:
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    return attn + 3 * h * cfg.intermediate_size
+
+
+@torch.no_grad()
+def codec_cost(model, ev_chunks, k: int) -> dict:
+    """Top-1 agreement and perplexity when the layer-k states cross the link as int8 / float16 (teacher forcing)."""
+    out = {}
+    for codec in ("float16", "int8"):
+        agree = total = 0
+        nll = 0.0
+        for chunk in ev_chunks[:4]:
+            ids = torch.tensor([chunk])
+            cache = model.new_cache()
+            h = model.forward_range(model.embed_tokens(ids), cache, 0, 0, k)
+            ref = model.logits(model.forward_range(h, cache, 0, k, model.config.num_layers))[0]
+            hq = decode(encode(h[0], codec))[None]
+            got = model.logits(model.forward_range(hq, model.new_cache(), 0, k, model.config.num_layers))[0]
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            total += len(chunk)
+            nll += float(F.cross_entropy(got[:-1].float(), ids[0, 1:], reduction="sum"))
+        out[codec] = {"top1_vs_float32": agree / total, "ppl": math.exp(nll / (total - len(ev_chunks[:4])))}
+    return out
+
+
+def latency(name: str, spec: dict, model_dir: Path, heads: ExitHeads, tok, k: int, runs: int = 1) -> list[dict]:
+    """Per-token latency with the injected link: measured edge/cloud compute + RTT and transfer time."""
+    full = load_model(model_dir, pack=True)
+    edge = load_model(model_dir, end=k, head=True, pack=True)
+    manager = CloudContextManager(load_model(model_dir, start=k, pack=True), "d")
+    exits = [e for e in heads.layers if e <= k]
+    prompts = [tok.encode(p) for p in PROMPTS]
+    samples: dict[str, list[float]] = {}
+    edge_frac: dict[str, list[float]] = {}
+    n = spec["gen"]
+    for r in range(runs):
+        for pi, prompt in enumerate(prompts):
+            t0 = time.perf_counter()
+            res = generate(full, prompt, n)
+            full_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(res.token_ids))
+            samples.setdefault("cloud-only", []).append(full_ms + RTT_S * 1e3 + 8 * 8 / BW_BPS * 1e3)
+            for t in (None, *LATENCY_THRESHOLDS):
+                policy = OFF if t is None else ExitPolicy.uniform(exits, t)
+                sid = f"{name}-{k}-{t}-{r}-{pi}"
+                res = generate_collaborative(edge, heads, policy, k, InProcessTransport(manager),
+                                             SessionSpec(sid, "d", k), prompt, n)
+                ms = sum(x.edge_ms + x.cloud_ms + (RTT_S * 1e3 + x.up_bytes * 8 / BW_BPS * 1e3
+                                                   if x.where == "cloud" else 0) for x in res.records)
+                key = "naive split" if t is None else f"exit {t}"
+                samples.setdefault(key, []).append(ms / len(res.records))
+                edge_frac.setdefault(key, []).append(sum(x.where != "cloud" for x in res.records) / len(res.records))
+    return [{"k": k, "config": key, "ms_per_token": statistics.median(v),
+             "edge_frac": statistics.mean(edge_frac[key]) if key in edge_frac else 0.0}
+            for key, v in samples.items()]
+
+
+@torch.inference_mode()
+def components(model_dir: Path, heads: ExitHeads, k: int, tok, reps: int = 15) -> dict:
+    """Median ms of one decode step of each part, interleaved: the full model, the edge [0, k), the cloud's
+    layers [k, L), the cloud's norm + head, one exit head."""
+    full = load_model(model_dir, pack=True)
+    edge = load_model(model_dir, end=k, head=True, pack=True)
+    cloud = load_model(model_dir, start=k, pack=True)
+    ids = torch.tensor([tok.encode(PROMPTS[0] * 4)[:64]])
+    caches = {"full": full.new_cache(), "edge": edge.new_cache(), "cloud": cloud.new_cache()}
+    full(ids, caches["full"])
+    hk = edge.forward_range(edge.embed_tokens(ids), caches["edge"], 0, 0, k)
+    cloud.forward_range(hk, caches["cloud"], 0, k, full.config.num_layers)
+    x, num_layers = ids[:, -1:], full.config.num_layers
+    times: dict[str, list[float]] = {}
+    for i in range(reps):
+        pos = ids.shape[1] + i
+        steps = {
+            "full": lambda p=pos: full(x, caches["full"], p, last_only=True),
+            "edge": lambda p=pos: edge.forward_range(edge.embed_tokens(x), caches["edge"], p, 0, k),
+            "cloud_layers": lambda p=pos: cloud.forward_range(hk[:, -1:], caches["cloud"], p, k, num_layers),
+            "cloud_head": lambda: cloud.logits(hk[:, -1:]),
+            "exit_head": lambda: heads.logits(heads.layers[0], hk[0, -1], edge.head),
+        }
+        for key, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times.setdefault(key, []).append((time.perf_counter() - t0) * 1e3)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def modelled_latency(row: dict, comp: dict, exits: list[int]) -> dict:
+    """ms/token from the measured components and the injected link: cloud-only, naive split, this row."""
+    link = RTT_S * 1e3 + row["uplink_bytes_per_token"] * 8 / BW_BPS * 1e3
+    cloud = comp["cloud_layers"] + comp["cloud_head"]
+    heads = sum(row["exit_frac"][str(e)] * (i + 1) for i, e in enumerate(exits))
+    heads += row["cloud_requests_per_token"] * len(exits) if row["threshold"] != "off" else 0
+    cf = row["cloud_requests_per_token"]
+    # an exited token's deep layers still run on the cloud (catch-up, in front of the next request): counted
+    # at the one-token cost, an upper bound for a batched chunk
+    ee = comp["edge"] + heads * comp["exit_head"] + cf * (link + cloud) + (1 - cf) * comp["cloud_layers"]
+    return {"cloud_only_ms": comp["full"] + RTT_S * 1e3 + 8 * 8 / BW_BPS * 1e3,
+            "naive_split_ms": comp["edge"] + link + cloud, "early_exit_ms": ee}
+
+
+def run_model(name: str, out_dir: Path, cache_dir: Path) -> dict:
+    spec = MODELS[name]
+    model_dir = spec["dir"]
+    if not (model_dir / "config.json").is_file():
+        return {"model": name, "skipped": f"{model_dir} not found"}
+    tok = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir)
+    exits = spec["exits"]
+    t0 = time.perf_counter()
+    tr, _ = cached_hidden(name, model, tok, "train", spec["train"], exits, cache_dir)
+    ev, ev_chunks = cached_hidden(name, model, tok, "heldout", spec["heldout"], exits, cache_dir)
+    t_hidden = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    heads = train_exit_heads(model, tr, ExitTrainConfig(exits, steps=spec["steps"]))
+    t_train = time.perf_counter() - t0
+    untrained = ExitHeads.untrained(model.config, exits, model.norm.weight, adapter=False)
+    ridge_only = train_exit_heads(model, tr, ExitTrainConfig(exits, steps=0))
+    result = {"model": name, "layers": model.config.num_layers, "train_tokens": tr.rows, "heldout_tokens": ev.rows,
+              "hidden_states_s": round(t_hidden, 1), "train_s": round(t_train, 1), "steps": spec["steps"],
+              "top1_untrained": agreement(model, untrained, ev), "top1_ridge_only": agreement(model, ridge_only, ev),
+              "top1_trained": agreement(model, heads, ev), "sweep": [], "codec": {}, "latency": []}
+    for k in spec["splits"]:
+        comp = components(model_dir, heads, k, tok)
+        result.setdefault("components_ms", {})[str(k)] = comp
+        rows = sweep(model, heads, ev, ev_chunks, k)
+        for row in rows:
+            row["modelled"] = modelled_latency(row, comp, [e for e in exits if e <= k])
+        result["sweep"] += rows
+        result["codec"][str(k)] = codec_cost(model, ev_chunks, k)
+        result["latency"] += latency(name, spec, model_dir, heads, tok, k)
+        print(json.dumps({"model": name, "k": k, "done": True}), file=sys.stderr, flush=True)
+    (out_dir / f"early_exit_{name}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"{r['model']}: skipped ({r['skipped']})\n")
+            continue
+        lines.append(f"**{r['model']}** ({r['layers']} layers; heads trained on {r['train_tokens']} train-split "
+                     f"tokens, {r['steps']} KL steps, {r['train_s']} s; hidden states {r['hidden_states_s']} s; "
+                     f"evaluated on {r['heldout_tokens']} held-out tokens)\n")
+        lines.append("| exit | top-1 untrained | ridge start only | trained |\n|---|---|---|---|")
+        for e in r["top1_trained"]:
+            lines.append(f"| {e} | {r['top1_untrained'][e]:.1%} | {r['top1_ridge_only'][e]:.1%} | "
+                         f"{r['top1_trained'][e]:.1%} |")
+        lines.append("\n| k | threshold | tokens at each exit | on edge | greedy agreement | ppl (full) | "
+                     "cloud layer-evals saved vs cloud-only | cloud MACs saved vs cloud-only / vs naive split | "
+                     "cloud requests / token | uplink B/token | ms/token modelled: cloud-only / naive split / this |"
+                     "\n|---|---|---|---|---|---|---|---|---|---|---|")
+        for s in r["sweep"]:
+            m = s["modelled"]
+            fr = ", ".join(f"{e}: {v:.1%}" for e, v in s["exit_frac"].items())
+            lines.append(f"| {s['k']} | {s['threshold']} | {fr} | {s['edge_frac']:.1%} | {s['greedy_agreement']:.1%} "
+                         f"| {s['ppl']:.2f} ({s['ppl_full']:.2f}) | {s['cloud_layer_evals_saved_vs_cloud_only']:.1%} "
+                         f"| {s['cloud_macs_saved_vs_cloud_only']:.1%} / {s['cloud_macs_saved_vs_naive_split']:.1%} "
+                         f"| {s['cloud_requests_per_token']:.2f} | {s['uplink_bytes_per_token']} "
+                         f"| {m['cloud_only_ms']:.1f} / {m['naive_split_ms']:.1f} / {m['early_exit_ms']:.1f} |")
+        for k, c in r.get("components_ms", {}).items():
+            lines.append(f"\nk={k}, one decode step, median ms: " + ", ".join(f"{a} {b:.2f}" for a, b in c.items()))
+        lines.append("\n| k | serving | measured end to end: ms/token, injected 20 ms RTT + 50 Mbit/s | "
+                     "tokens on edge |\n|---|---|---|---|")
+        for x in r["latency"]:
+            lines.append(f"| {x['k']} | {x['config']} | {x['ms_per_token']:.1f} | {x['edge_frac']:.0%} |")
+        lines.append("\n| k | codec | top-1 vs float32 hidden states | ppl |\n|---|---|---|---|")
+        for k, c in r["codec"].items():
+            for codec, v in c.items():
+                lines.append(f"| {k} | {codec} | {v['top1_vs_float32']:.2%} | {v['ppl']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no PNG, the table only"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        for k in sorted({s["k"] for s in r.get("sweep", [])}):
+            pts = [(s["edge_frac"], s["greedy_agreement"]) for s in r["sweep"] if s["k"] == k]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{r['model']} k={k}")
+    ax.set_xlabel("tokens answered on the edge")
+    ax.set_ylabel("greedy agreement with the full model")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return str(path)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="demo,smollm2")
+    p.add_argument("--out", default=str(Path("/tmp") / "edgefed-bench-early-exit" / "results"))
+    p.add_argument("--cache", default=str(Path("/tmp") / "edgefed-bench-early-exit"))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [run_model(m, out, Path(args.cache)) for m in args.models.split(",")]
+    md = table(results)
+    (out / "early_exit.md").write_text(md)
+    print(md)
+    print(plot(results, out / "early_exit_tradeoff.png"), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,14 +5,21 @@ every rank sends its partial sum to rank 0, rank 0 adds them in rank order and s
 each allreduce costs two link traversals whatever the number of ranks. gloo's own allreduce is the
 alternative (`--allreduce gloo`). Every wait has a timeout; a rank that never joins, or dies, becomes a
 `CommError` naming what was waited for, not a hang.
+
+An emulated link (the testbed, where the kernel has no netem) delays this rank's sends: EDGEFED_LINK_DELAY_MS
+(one-way latency per message), EDGEFED_LINK_JITTER_MS (uniform +-), EDGEFED_LINK_MBIT (serialization time
+of the message's bytes) and EDGEFED_LINK_LOSS_PCT (per-packet loss, paid as TCP pays it: a retransmission
+timeout) in the environment. See `LinkEmulation` for where each delay is taken.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import socket
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import psutil
@@ -27,6 +34,65 @@ ALLREDUCE = ("star", "gloo")
 
 class CommError(EdgefedError):
     """A rank did not join, or a collective did not finish, within the timeout."""
+
+
+LINK_ENV = ("EDGEFED_LINK_DELAY_MS", "EDGEFED_LINK_JITTER_MS", "EDGEFED_LINK_MBIT", "EDGEFED_LINK_LOSS_PCT")
+_MSS = 1448  # TCP payload bytes per packet on a 1500-byte MTU
+_RTO_S = 0.2  # Linux's minimum retransmission timeout: what a lost segment costs the message
+
+
+def allreduce_hops(mode: str, world: int) -> int:
+    """Link traversals on an allreduce's critical path: star is up to rank 0 and back down (2, whatever the
+    world); gloo's allreduce is a ring (reduce-scatter then allgather: 2 (world - 1) steps)."""
+    if world < 2:
+        return 0
+    return 2 if mode == "star" else 2 * (world - 1)
+
+
+@dataclass(frozen=True)
+class LinkEmulation:
+    """Software-injected link latency, jitter and bandwidth on this rank's sends ("injected" in reports).
+
+    Each message this rank sends waits delay +- jitter, plus its bytes at `mbit`, before it goes: the star
+    allreduce's partial (ranks > 0) and its sum (rank 0, once: its sends to the ranks leave in parallel),
+    broadcasts from rank 0, point-to-point sends, a gather's contributions. gloo's own allreduce runs inside
+    gloo's C++ transport, where no per-hop delay can be put, so every rank waits allreduce_hops("gloo", world)
+    hops' worth before it: the same critical path as a ring whose every hop is delayed.
+    """
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    mbit: float | None = None
+    loss_pct: float = 0.0
+
+    @classmethod
+    def from_env(cls, env=None) -> LinkEmulation | None:
+        env = os.environ if env is None else env
+        values: dict[str, float] = {}
+        for name, key in zip(LINK_ENV, ("delay_ms", "jitter_ms", "mbit", "loss_pct"), strict=True):
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise UsageError(f"{name}={raw!r}: expected a number") from None
+            if values[key] < 0 or (key == "mbit" and values[key] == 0) or (key == "loss_pct" and values[key] >= 100):
+                raise UsageError(f"{name}={raw!r}: must be {'above' if key == 'mbit' else 'at least'} 0"
+                                 + (" and below 100" if key == "loss_pct" else ""))
+        link = cls(**values)
+        return link if (link.delay_ms or link.jitter_ms or link.mbit or link.loss_pct) else None
+
+    def hop_s(self, nbytes: int, rng: random.Random) -> float:
+        """Seconds one message of `nbytes` spends on the link."""
+        ms = self.delay_ms + (rng.uniform(-self.jitter_ms, self.jitter_ms) if self.jitter_ms else 0.0)
+        wire = nbytes * 8 / (self.mbit * 1e6) if self.mbit else 0.0
+        lost = 0.0
+        if self.loss_pct:
+            packets = max(1, -(-nbytes // _MSS))
+            if rng.random() < 1 - (1 - self.loss_pct / 100) ** packets:
+                lost = _RTO_S  # one of its packets was lost: the message waits for the retransmission
+        return max(0.0, ms / 1e3) + wire + lost
 
 
 def _first_line(e: Exception, limit: int = 160) -> str:
@@ -73,6 +139,8 @@ class Comm:
         self.timeout = timedelta(seconds=timeout_s)
         self.comm_s = 0.0
         self.iface: str | None = None
+        self.link = LinkEmulation.from_env() if world > 1 else None
+        self._rng = random.Random(rank)
         if world == 1:
             return
         names = sorted(psutil.net_if_addrs())
@@ -99,6 +167,11 @@ class Comm:
                             f"--master-addr? is --iface right?): "
                             f"{_first_line(e)}") from None
 
+    def _hop(self, x: torch.Tensor, hops: int = 1) -> None:
+        """The emulated link's delay for a message of x (nothing without one)."""
+        if self.link is not None:
+            time.sleep(sum(self.link.hop_s(x.numel() * x.element_size(), self._rng) for _ in range(hops)))
+
     def _wait(self, work, what: str) -> None:
         try:
             if not work.wait(self.timeout):
@@ -114,6 +187,7 @@ class Comm:
         t0 = time.perf_counter()
         wire = x.float().contiguous()  # gloo sums float32; also keeps bf16 partials exact in the sum
         if self.mode == "gloo":
+            self._hop(wire, allreduce_hops("gloo", self.world))
             self._wait(dist.all_reduce(wire, async_op=True), "allreduce")
         else:
             self._star(wire)
@@ -127,10 +201,12 @@ class Comm:
             for r, (w, p) in enumerate(zip(works, parts, strict=True), start=1):
                 self._wait(w, f"star allreduce: partial from rank {r}")
                 x += p  # in rank order, so the sum is the same every run
+            self._hop(x)
             sends = [dist.isend(x, dst=r) for r in range(1, self.world)]
             for r, w in enumerate(sends, start=1):
                 self._wait(w, f"star allreduce: send to rank {r}")
         else:
+            self._hop(x)
             self._wait(dist.isend(x, dst=0), "star allreduce: send to rank 0")
             self._wait(dist.irecv(x, src=0), "star allreduce: sum from rank 0")
 
@@ -138,12 +214,15 @@ class Comm:
         """Rank 0's x, in place on every rank."""
         if self.world > 1:
             t0 = time.perf_counter()
+            if self.rank == 0:
+                self._hop(x)
             self._wait(dist.broadcast(x, src=0, async_op=True), what)
             self.comm_s += time.perf_counter() - t0
         return x
 
     def send(self, x: torch.Tensor, dst: int, what: str) -> None:
         t0 = time.perf_counter()
+        self._hop(x)
         self._wait(dist.isend(x.contiguous(), dst=dst), what)
         self.comm_s += time.perf_counter() - t0
 
@@ -159,6 +238,8 @@ class Comm:
         if self.world == 1:
             return [x]
         out = [torch.empty_like(x) for _ in range(self.world)] if self.rank == 0 else None
+        if self.rank != 0:
+            self._hop(x)
         self._wait(dist.gather(x, out, dst=0, async_op=True), what)
         return out
 

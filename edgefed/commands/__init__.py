@@ -4,3 +4,4 @@ COMMANDS = ("generate", "shard", "tp_generate", "prefill", "build_demo_model", "
             "serve", "node", "coordinator", "deploy")
 COMMANDS += ("fl",)  # federated LoRA rounds on Flower
 COMMANDS += ("train_exits", "cloud_serve")  # early exit with a cloud tier
+COMMANDS += ("testbed",)  # emulated fleet: scenario TOML -> namespaces, caps, faults -> report

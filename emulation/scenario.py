@@ -1,0 +1,272 @@
+"""A testbed scenario: nodes with their caps and links, the model and how it is deployed, the workload, an
+optional federated session and a fault timeline, read from one TOML file into frozen dataclasses.
+
+Validation is strict: an unknown field, a value of the wrong type or out of range, or a fault naming a node
+that does not exist is a `ScenarioError` naming the file, the table and the field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from edge_node.model.errors import UsageError
+
+_NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")
+FAULT_KINDS = ("kill_node", "cut_link", "restart_coordinator")
+ALLREDUCE = ("star", "gloo")
+WEIGHTS = ("float32", "bfloat16", "int8")
+STRATEGIES = ("fedavg", "ffa-lora", "hetlora", "fedcompass")
+
+
+class ScenarioError(UsageError):
+    """A scenario file is unreadable or holds a field that is unknown, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    memory_mb: int = 1024  # memory cap (swap off)
+    cpu_quota: float = 1.0  # CPUs' worth of time (0.5 = half a core)
+    bandwidth_mbit: float = 100.0  # each direction of the node's link
+    latency_ms: float = 0.0  # one-way delay of the node's link
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+
+@dataclass(frozen=True)
+class Model:
+    path: str = "models/edgefed-demo"  # a relative path is taken from the current directory
+
+
+@dataclass(frozen=True)
+class Deployment:
+    tensor_parallel: int = 2  # ranks
+    allreduce: str = "star"
+    window: int | None = None  # layer blocks resident per rank
+    memory_budget_mb: float | None = None  # ... or the budget the window is derived from
+    weights: str = "float32"
+    onnx_prefill: bool = False
+    early_exit: bool = False
+    cloud_tier: bool = False
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: tuple[str, ...] = ("def fibonacci(n):",)
+    prompt_file: str | None = None  # one prompt per line, used instead of `prompts`
+    max_tokens: int = 16
+    concurrency: int = 1
+    requests: int = 4
+    rate_per_s: float = 0.0  # 0: as fast as `concurrency` allows
+    timeout_s: float = 120.0  # each request
+
+
+@dataclass(frozen=True)
+class Federated:
+    rounds: int = 1
+    strategy: str = "fedavg"
+    clients: tuple[str, ...] = ()  # node names; empty: every node
+    steps: int = 4  # local steps per round (the fastest client's)
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float
+    kind: str
+    node: str | None = None  # kill_node, cut_link
+    duration_s: float = 0.0  # cut_link: how long the link stays down
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    nodes: tuple[Node, ...]
+    description: str = ""
+    model: Model = field(default_factory=Model)
+    deployment: Deployment = field(default_factory=Deployment)
+    workload: Workload = field(default_factory=Workload)
+    federated: Federated | None = None
+    faults: tuple[Fault, ...] = ()
+    source: str = ""  # the file it was read from
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path}: not valid TOML: {e}") from None
+    return parse_scenario(raw, str(path))
+
+
+def parse_scenario(raw: dict, source: str = "<scenario>") -> Scenario:
+    top = {k: v for k, v in raw.items() if k not in _TABLES}
+    _reject_unknown(top, Scenario, source, "top level", exclude=set(_TABLES) | {"source"})
+    if "name" not in top:
+        raise ScenarioError(f"{source}: top level: missing field 'name'")
+    nodes_raw = raw.get("nodes")
+    if not isinstance(nodes_raw, list) or not nodes_raw:
+        raise ScenarioError(f"{source}: [[nodes]]: expected at least one [[nodes]] table")
+    nodes = tuple(_build(Node, n, source, f"nodes[{i}]") for i, n in enumerate(nodes_raw))
+    faults_raw = raw.get("faults", [])
+    if not isinstance(faults_raw, list):
+        raise ScenarioError(f"{source}: faults: expected [[faults]] tables")
+    fed = raw.get("federated")
+    sc = Scenario(
+        name=_typed(top["name"], str, source, "top level", "name"),
+        description=_typed(top.get("description", ""), str, source, "top level", "description"),
+        nodes=nodes,
+        model=_build(Model, raw.get("model", {}), source, "model"),
+        deployment=_build(Deployment, raw.get("deployment", {}), source, "deployment"),
+        workload=_build(Workload, raw.get("workload", {}), source, "workload"),
+        federated=None if fed is None else _build(Federated, fed, source, "federated"),
+        faults=tuple(_build(Fault, f, source, f"faults[{i}]") for i, f in enumerate(faults_raw)),
+        source=source,
+    )
+    _check(sc, source)
+    return sc
+
+
+_TABLES = ("nodes", "model", "deployment", "workload", "federated", "faults")
+
+
+def _reject_unknown(raw: dict, cls: type, source: str, table: str, exclude: set[str] = frozenset()) -> None:
+    known = {f.name for f in fields(cls)} - exclude
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ScenarioError(f"{source}: [{table}]: unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def _build(cls: type, raw, source: str, table: str):
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{source}: [{table}]: expected a table, got {type(raw).__name__}")
+    _reject_unknown(raw, cls, source, table)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _typed(raw[f.name], hints[f.name], source, table, f.name)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ScenarioError(f"{source}: [{table}]: missing field {f.name!r}")
+    return cls(**kwargs)
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _typed(value, hint, source: str, table: str, name: str):
+    """`value` checked against the field's type hint (int, float, str, bool, X | None, tuple[str, ...])."""
+    where = f"{source}: [{table}] {name}"
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)][0]
+        return _typed(value, inner, source, table, name)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
+            what = _NAMES[args[0]].split(" ", 1)[1]  # "a string" -> "string"
+            raise ScenarioError(f"{where}: expected a list of {what}s, got {value!r}")
+        return tuple(value)
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str), bool: isinstance(value, bool)}[hint]
+    if not ok:
+        raise ScenarioError(f"{where}: expected {_NAMES[hint]}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _check(sc: Scenario, source: str) -> None:
+    """Ranges and cross-references."""
+    def bad(table: str, name: str, why: str) -> ScenarioError:
+        return ScenarioError(f"{source}: [{table}] {name}: {why}")
+
+    names = [n.name for n in sc.nodes]
+    for i, n in enumerate(sc.nodes):
+        t = f"nodes[{i}]"
+        if not _NODE_NAME.fullmatch(n.name):  # the agent's own rule for a node's name
+            raise bad(t, "name", f"expected lowercase letters, digits and '-' (at most 40), got {n.name!r}")
+        if n.name in names[:i]:
+            raise bad(t, "name", f"node {n.name!r} is named twice")
+        for f, low in (("memory_mb", 16), ("cpu_quota", 0.01), ("bandwidth_mbit", 0.01)):
+            if getattr(n, f) < low:
+                raise bad(t, f, f"must be at least {low}, got {getattr(n, f)}")
+        for f in ("latency_ms", "jitter_ms"):
+            if getattr(n, f) < 0:
+                raise bad(t, f, f"must not be negative, got {getattr(n, f)}")
+        if not 0 <= n.loss_pct < 100:
+            raise bad(t, "loss_pct", f"must be in [0, 100), got {n.loss_pct}")
+    d = sc.deployment
+    if not 1 <= d.tensor_parallel <= len(sc.nodes):
+        raise bad("deployment", "tensor_parallel", f"must be between 1 and the {len(sc.nodes)} nodes, "
+                  f"got {d.tensor_parallel}")
+    for name, value, allowed in (("allreduce", d.allreduce, ALLREDUCE), ("weights", d.weights, WEIGHTS)):
+        if value not in allowed:
+            raise bad("deployment", name, f"must be one of {', '.join(allowed)}, got {value!r}")
+    if d.window is not None and d.memory_budget_mb is not None:
+        raise bad("deployment", "window", "give a window or memory_budget_mb, not both")
+    w = sc.workload
+    for name in ("max_tokens", "concurrency", "requests"):
+        if getattr(w, name) < 1:
+            raise bad("workload", name, f"must be at least 1, got {getattr(w, name)}")
+    if not w.prompts and w.prompt_file is None:
+        raise bad("workload", "prompts", "give at least one prompt, or a prompt_file")
+    if sc.federated is not None:
+        if sc.federated.strategy not in STRATEGIES:
+            raise bad("federated", "strategy", f"must be one of {', '.join(STRATEGIES)}, "
+                      f"got {sc.federated.strategy!r}")
+        for name in ("rounds", "steps"):
+            if getattr(sc.federated, name) < 1:
+                raise bad("federated", name, f"must be at least 1, got {getattr(sc.federated, name)}")
+        if len(sc.federated.clients or sc.nodes) < 2:
+            raise bad("federated", "clients", "a federated session needs at least 2 clients")
+        for c in sc.federated.clients:
+            if c not in names:
+                raise bad("federated", "clients", f"no node named {c!r} (nodes: {', '.join(names)})")
+    for i, f in enumerate(sc.faults):
+        t = f"faults[{i}]"
+        if f.kind not in FAULT_KINDS:
+            raise bad(t, "kind", f"must be one of {', '.join(FAULT_KINDS)}, got {f.kind!r}")
+        if f.at_s < 0 or f.duration_s < 0:
+            raise bad(t, "at_s" if f.at_s < 0 else "duration_s", "must not be negative")
+        if f.kind == "restart_coordinator":
+            if f.node is not None:
+                raise bad(t, "node", "restart_coordinator takes no node")
+            continue
+        if f.node is None:
+            raise bad(t, "node", f"{f.kind} needs a node")
+        if f.node not in names:
+            raise bad(t, "node", f"no node named {f.node!r} (nodes: {', '.join(names)})")
+        if f.kind == "cut_link" and f.duration_s <= 0:
+            raise bad(t, "duration_s", "cut_link needs a duration_s above 0")
+
+
+def prompts_of(sc: Scenario) -> list[str]:
+    """The workload's prompts (from prompt_file, relative to the scenario's directory, when given)."""
+    w = sc.workload
+    if w.prompt_file is None:
+        return list(w.prompts)
+    path = Path(w.prompt_file)
+    if not path.is_absolute() and sc.source:
+        path = Path(sc.source).parent / path
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ScenarioError(f"{sc.source}: [workload] prompt_file: cannot read {path}: {e.strerror}") from None
+    if not lines:
+        raise ScenarioError(f"{sc.source}: [workload] prompt_file: {path} holds no prompt")
+    return lines

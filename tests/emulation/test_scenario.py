@@ -1,0 +1,118 @@
+"""Scenario TOML -> frozen dataclasses; every mistake is an error naming the file, the table and the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from emulation.scenario import ScenarioError, load_scenario, prompts_of
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+
+GOOD = """
+name = "t"
+[deployment]
+tensor_parallel = 2
+[[nodes]]
+name = "a"
+memory_mb = 512
+latency_ms = 5
+[[nodes]]
+name = "b"
+cpu_quota = 1
+[[faults]]
+at_s = 3
+kind = "kill_node"
+node = "b"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", ["default", "home-wifi-4-laptops", "wired-8-boards", "heterogeneous-3"])
+def test_shipped_scenarios_load(name):
+    sc = load_scenario(SCENARIOS / f"{name}.toml")
+    assert sc.name == name
+    assert 1 <= sc.deployment.tensor_parallel <= len(sc.nodes)
+    for f in sc.faults:
+        assert f.node is None or f.node in [n.name for n in sc.nodes]
+
+
+def test_good_scenario_is_frozen_and_typed(tmp_path):
+    sc = load_scenario(write(tmp_path, GOOD))
+    assert [n.name for n in sc.nodes] == ["a", "b"]
+    assert sc.node("a").memory_mb == 512 and sc.node("a").latency_ms == 5.0
+    assert isinstance(sc.node("b").cpu_quota, float)  # an integer where a number is wanted is fine
+    assert sc.faults[0].kind == "kill_node" and sc.faults[0].at_s == 3.0
+    assert sc.federated is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sc.nodes[0].memory_mb = 1  # type: ignore[misc]
+
+
+def test_unknown_field_names_file_table_and_field(tmp_path):
+    p = write(tmp_path, GOOD.replace("memory_mb = 512", "memory_mib = 512"))
+    with pytest.raises(ScenarioError, match=r"s\.toml: \[nodes\[0\]\]: unknown field 'memory_mib'"):
+        load_scenario(p)
+    with pytest.raises(ScenarioError, match=r"\[deployment\]: unknown field 'tp'"):
+        load_scenario(write(tmp_path, GOOD.replace("tensor_parallel = 2", "tp = 2")))
+    with pytest.raises(ScenarioError, match=r"\[top level\]: unknown field 'nmae'"):
+        load_scenario(write(tmp_path, "nmae = 'x'\n" + GOOD))
+
+
+def test_wrong_type_names_the_field_and_the_value(tmp_path):
+    with pytest.raises(ScenarioError, match=r"s\.toml: \[nodes\[0\]\] memory_mb: expected an integer, got '512'"):
+        load_scenario(write(tmp_path, GOOD.replace("memory_mb = 512", "memory_mb = \"512\"")))
+    with pytest.raises(ScenarioError, match=r"\[nodes\[1\]\] cpu_quota: expected a number, got True"):
+        load_scenario(write(tmp_path, GOOD.replace("cpu_quota = 1", "cpu_quota = true")))
+    bad = GOOD + "[workload]\nprompts = \"one prompt\"\n"
+    with pytest.raises(ScenarioError, match=r"\[workload\] prompts: expected a list of strings"):
+        load_scenario(write(tmp_path, bad))
+
+
+def test_fault_naming_an_unknown_node(tmp_path):
+    with pytest.raises(ScenarioError, match=r"\[faults\[0\]\] node: no node named 'c' \(nodes: a, b\)"):
+        load_scenario(write(tmp_path, GOOD.replace('node = "b"', 'node = "c"')))
+    with pytest.raises(ScenarioError, match=r"\[faults\[0\]\] kind: must be one of"):
+        load_scenario(write(tmp_path, GOOD.replace('kind = "kill_node"', 'kind = "explode"')))
+    cut = GOOD.replace('kind = "kill_node"', 'kind = "cut_link"')
+    with pytest.raises(ScenarioError, match=r"\[faults\[0\]\] duration_s: cut_link needs"):
+        load_scenario(write(tmp_path, cut))
+
+
+def test_ranges_and_references(tmp_path):
+    with pytest.raises(ScenarioError, match=r"\[deployment\] tensor_parallel: must be between 1 and the 2 nodes"):
+        load_scenario(write(tmp_path, GOOD.replace("tensor_parallel = 2", "tensor_parallel = 3")))
+    with pytest.raises(ScenarioError, match=r"\[nodes\[1\]\] name: node 'a' is named twice"):
+        load_scenario(write(tmp_path, GOOD.replace('name = "b"', 'name = "a"')))
+    with pytest.raises(ScenarioError, match=r"\[nodes\[0\]\] loss_pct: must be in \[0, 100\)"):
+        load_scenario(write(tmp_path, GOOD.replace("latency_ms = 5", "loss_pct = 100")))
+    fed = GOOD + "[federated]\nclients = [\"a\", \"zz\"]\n"
+    with pytest.raises(ScenarioError, match=r"\[federated\] clients: no node named 'zz'"):
+        load_scenario(write(tmp_path, fed))
+    with pytest.raises(ScenarioError, match=r"\[federated\] clients: a federated session needs at least 2"):
+        load_scenario(write(tmp_path, GOOD + "[federated]\nclients = [\"a\"]\n"))
+    with pytest.raises(ScenarioError, match=r"\[nodes\[0\]\] name: expected lowercase letters"):
+        load_scenario(write(tmp_path, GOOD.replace('name = "a"', 'name = "Node_A"')))
+
+
+def test_missing_file_bad_toml_and_missing_nodes(tmp_path):
+    with pytest.raises(ScenarioError, match=r"nope\.toml: no such scenario file"):
+        load_scenario(tmp_path / "nope.toml")
+    with pytest.raises(ScenarioError, match=r"s\.toml: not valid TOML"):
+        load_scenario(write(tmp_path, "name = \n"))
+    with pytest.raises(ScenarioError, match=r"\[\[nodes\]\]: expected at least one"):
+        load_scenario(write(tmp_path, "name = 'x'\n"))
+    with pytest.raises(ScenarioError, match=r"\[nodes\[0\]\]: missing field 'name'"):
+        load_scenario(write(tmp_path, "name = 'x'\n[[nodes]]\nmemory_mb = 64\n"))
+
+
+def test_prompt_file_is_read_relative_to_the_scenario(tmp_path):
+    (tmp_path / "prompts.txt").write_text("first\n\nsecond\n")
+    sc = load_scenario(write(tmp_path, GOOD + "[workload]\nprompt_file = \"prompts.txt\"\n"))
+    assert prompts_of(sc) == ["first", "second"]

@@ -1,9 +1,12 @@
-"""Chunked prefill: torch float full prefill vs ONNX Runtime float / int8 / int8+shadow chunk graphs.
+"""Chunked prefill: torch float full prefill vs ONNX Runtime float / int8 chunk graphs (VARIANTS).
 
-All ONNX Runtime numbers are CPU execution provider timings (no NPU on this machine).
+All ONNX Runtime numbers are CPU execution provider timings (no NPU on this machine). Top-1 agreement with
+the float graphs is measured over every position of --eval-prompts held-out prompts, on the same graphs
+that are timed (npu_backends.evaluate: the float head applied to every row on the host), together with
+the residual stream's relative error after every layer (where the int8 error enters).
 
-    .venv/bin/python benchmarks/bench_prefill.py [--models demo,qwen2-0.5b] [--prompt-len 1024]
-        [--chunk 256] [--threads 2] [--repeats 3] [--eval-prompts 8]
+    .venv/bin/python benchmarks/bench_prefill.py [--models smollm2,demo,qwen2-0.5b] [--prompt-len 512]
+        [--chunk 128] [--threads 2] [--repeats 5] [--eval-prompts 4] [--variants minmax,block16 + smooth + rotate]
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from npu_backends.build import (  # noqa: E402
     round_up,
     weights_digest,
 )
-from npu_backends.evaluate import agreement  # noqa: E402
-from npu_backends.export import export_chunk_graphs  # noqa: E402
+from npu_backends.evaluate import evaluate  # noqa: E402
 from npu_backends.prefill import ChunkedPrefill  # noqa: E402
-from npu_backends.quantize import MODES, ROTATE_BLOCK, SMOOTH_ALPHA, build_int8, record_calibration  # noqa: E402
+from npu_backends.quantize import ROTATE_BLOCK, SMOOTH_ALPHA, build_int8, record_calibration  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "edgefed-demo"
+SMOLLM2_DIR = Path.home() / ".cache" / "edgefed" / "models" / "SmolLM2-135M-Instruct"
+EVAL_VOCAB = 65536  # agreement is evaluated up to this vocabulary (the head runs on the host, 128 rows at a time)
 
 
 def fp32_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -125,26 +129,44 @@ def model_prompt(name: str, model_dir: Path, length: int, vocab: int) -> tuple[l
     return np.random.RandomState(1).randint(0, vocab, length * 64).tolist(), "random token ids"
 
 
+# label -> build_int8 keyword arguments; the block rows are the real model's per-step account
+VARIANTS = {
+    "minmax": {"mode": "minmax"},
+    "shadow": {"mode": "shadow"},
+    "dynamic (per-token)": {"mode": "dynamic"},
+    "block32 plain": {"mode": "block", "smooth": None, "rotate": None, "block": 32},
+    "block32 + smooth + rotate": {"mode": "block", "block": 32},
+    "block16 + smooth": {"mode": "block", "block": 16, "rotate": None},
+    "block16 + smooth + rotate": {"mode": "block", "block": 16},
+}
+
+
 def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) -> dict:
     model = load_model(model_dir, pack=True)  # the torch engine's fastest layout (oneDNN-packed linears)
     cfg = model.config
-    text_ids, source = model_prompt(name, model_dir, a.prompt_len, cfg.vocab_size)
+    text_ids, source = model_prompt(name, model_dir, max(a.prompt_len, a.eval_len), cfg.vocab_size)
     prompt = text_ids[: a.prompt_len]
     flops = prefill_flops(model, a.prompt_len)
-    context = round_up(a.prompt_len, a.chunk)  # graphs hold the prompt: context - chunk past slots
+    context = round_up(max(a.prompt_len, a.eval_len), a.chunk)  # graphs hold the prompt: context - chunk past slots
     out = {"model": name, "prompt": source, "tokens": a.prompt_len, "gflop": flops / 1e9, "chunk": a.chunk,
-           "context": context, "past_slots": context - a.chunk,
+           "context": context, "past_slots": context - a.chunk, "calib_tokens": a.calib_tokens,
            "int8_recipe": {"smooth_alpha": SMOOTH_ALPHA, "rotate_block": ROTATE_BLOCK, "float_head": True}}
-    root = Path(a.cache) / f"{Path(name).name}-graphs-c{a.chunk}"
+    root = Path(a.cache) / f"{Path(name).name}-graphs-c{a.chunk}-t{context}"
     opts = PrefillOptions(a.chunk, context, threads=a.threads)
     specs = float_graphs(model, opts, root, weights_digest(model_dir))  # reused while the weights are the same
     variants = {"ORT float32, chunked": specs}
     calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, cfg.vocab_size)
     feeds = record_calibration(model, specs, calib, a.threads)
-    for mode in MODES:
-        variants[f"ORT int8 {mode}, chunked"] = build_int8(specs, feeds, root, mode)
+    chosen = [v for v in a.variants.split(",") if v] or list(VARIANTS)
+    for label in chosen:
+        variants[f"ORT int8 {label}, chunked"] = build_int8(specs, feeds, root, **VARIANTS[label])
     del feeds
     gc.collect()
+    if a.eval_prompts:  # every position of held-out prompts, from the same graphs that are timed
+        held = [text_ids[i * a.eval_len:(i + 1) * a.eval_len] for i in range(a.eval_prompts)]
+        judged = [v for v in a.eval_variants.split(",") if v] or chosen
+        out["agreement"] = {label: _evaluation(model, specs, v, held, a.threads) for label, v in variants.items()
+                            if v is not specs and label.removeprefix("ORT int8 ").removesuffix(", chunked") in judged}
     runners = {"torch float32, full prompt": torch_runner(model, prompt)}
     runners |= {label: ort_runner(open_prefill(model, v, opts), prompt) for label, v in variants.items()}
     peaks |= {"fp32_gflops": max(peaks.get("fp32_gflops", 0), fp32_peak_gflops())}
@@ -157,53 +179,60 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
                             "tokens_per_s": a.prompt_len / t, "speedup_vs_torch": t_torch / t,
                             "fp32_peak_frac": flops / min(ts) / 1e9 / peaks["fp32_gflops"],
                             "max_abs_logit_err": float(np.abs(logits - ref).max()),
-                            "top1_last": int(logits.argmax()) == int(ref.argmax())})
-    del runners, timed
-    gc.collect()
-    if a.eval_prompts:
-        held = [text_ids[i * a.eval_len:(i + 1) * a.eval_len] for i in range(a.eval_prompts)]
-        out["agreement"] = eval_agreement(model, model_dir, root, held, a)
+                            "top1_last": int(logits.argmax()) == int(ref.argmax()),
+                            **({"agreement": out["agreement"][label]} if label in out.get("agreement", {}) else {})})
     return out
 
 
-def eval_agreement(model: Transformer, model_dir: Path, root: Path, prompts: list[list[int]],
-                   a: argparse.Namespace) -> dict:
-    """Top-1 agreement of every int8 variant with float over every position of the held-out prompts."""
-    context = round_up(a.eval_len, a.chunk)
-    specs = export_chunk_graphs(model, root / "all", a.chunk, context, all_logits=True)
-    calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, model.config.vocab_size)
-    feeds = record_calibration(model, specs, calib, a.threads)
-    opts = PrefillOptions(a.chunk, context, threads=a.threads)
-    ref = open_prefill(model, specs, opts)
-    res = {m: agreement(ref, open_prefill(model, build_int8(specs, feeds, root / "all", m), opts), prompts)
-           for m in MODES}
-    return {m: {**r.__dict__, "error_recovered_vs_clip": res["clip"].recovered_by(r),
-                "error_recovered_vs_minmax": res["minmax"].recovered_by(r)} for m, r in res.items()}
+def _evaluation(model: Transformer, ref_specs, specs, prompts: list[list[int]], threads: int) -> dict:
+    ev = evaluate(model, ref_specs, specs, prompts, threads)
+    return {**ev.agreement.__dict__, "relative_error_per_layer": ev.per_layer()}
 
 
 def table(result: dict) -> str:
     lines = [f"**{result['model']}** ({result['tokens']}-token prompt, {result['prompt']}, "
              f"{result['gflop']:.1f} GFLOP nominal)", "",
              "| variant | prefill ms (median) | best ms | tokens/s | vs torch | fp32 peak (best) "
-             "| max abs logit err | top-1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| top-1 agreement (every position) | mean abs logit err | max abs logit err | hidden rel err "
+             "(last layer) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        ag = r.get("agreement")
+        quality = (f"{100 * ag['top1']:.2f}% | {ag['mean_abs_err']:.3g} | {ag['max_abs_err']:.3g} "
+                   f"| {ag['relative_error_per_layer'][-1]['after_mlp']:.4f}") if ag else "| | |"
         lines.append(f"| {r['variant']} | {r['ms']:.0f} | {r['best_ms']:.0f} | {r['tokens_per_s']:.0f} "
-                     f"| {r['speedup_vs_torch']:.2f}x "
-                     f"| {100 * r['fp32_peak_frac']:.0f}% | {r['max_abs_logit_err']:.3g} | {r['top1_last']} |")
+                     f"| {r['speedup_vs_torch']:.2f}x | {100 * r['fp32_peak_frac']:.0f}% | {quality} |")
+    return "\n".join(lines)
+
+
+def layer_table(result: dict) -> str:
+    """Relative error of the residual stream after each layer's MLP, per int8 variant: where error enters."""
+    ags = {k: v for k, v in result.get("agreement", {}).items()}
+    if not ags:
+        return ""
+    lines = ["| layer | " + " | ".join(k.replace("ORT int8 ", "").replace(", chunked", "") for k in ags) + " |",
+             "|---:|" + "---:|" * len(ags)]
+    layers = len(next(iter(ags.values()))["relative_error_per_layer"])
+    for i in range(layers):
+        cells = [f"{v['relative_error_per_layer'][i]['after_attention']:.4f} / "
+                 f"{v['relative_error_per_layer'][i]['after_mlp']:.4f}" for v in ags.values()]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="demo,qwen2-0.5b")
-    ap.add_argument("--prompt-len", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--models", default=None, help="comma list of demo, smollm2, a shape name or a model "
+                    "directory (default: smollm2 when present, else demo)")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--variants", default="", help=f"comma list of int8 variants (default all: {','.join(VARIANTS)})")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts for top-1 agreement (0: skip)")
+    ap.add_argument("--eval-prompts", type=int, default=4, help="held-out prompts for top-1 agreement (0: skip)")
     ap.add_argument("--eval-len", type=int, default=512)
+    ap.add_argument("--eval-variants", default="", help="comma list: evaluate agreement of these only (default all)")
     ap.add_argument("--cache", default="/tmp/edgefed-bench")
     ap.add_argument("--json-out")
     a = ap.parse_args()
@@ -212,22 +241,23 @@ def main() -> None:
     print(f"machine: {machine()}; measured peaks: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s (torch), "
           f"int8 {peaks['int8_gops']:.0f} GOP/s (ORT MatMulInteger); ONNX Runtime CPU execution provider")
     results = []
-    for name in a.models.split(","):
+    models = a.models or ("smollm2" if (SMOLLM2_DIR / "config.json").is_file() else "demo")
+    for name in models.split(","):
         if Path(name).is_dir():
             model_dir = Path(name)
         else:
-            model_dir = DEMO_DIR if name == "demo" else random_checkpoint(name, Path(a.cache) / name)
+            named = {"demo": DEMO_DIR, "smollm2": SMOLLM2_DIR}
+            model_dir = named[name] if name in named else random_checkpoint(name, Path(a.cache) / name)
         if not (model_dir / "config.json").is_file():
             print(f"skipping {name}: {model_dir} has no config.json")
             continue
         # the all-rows head is too costly at a 150k vocabulary; such models are random-weight shapes anyway
-        small_vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"] <= 32768
+        small_vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"] <= EVAL_VOCAB
         eval_prompts = a.eval_prompts if small_vocab else 0
         r = bench_model(name, model_dir, argparse.Namespace(**{**vars(a), "eval_prompts": eval_prompts}), peaks)
         results.append(r)
         print(table(r), "\n")
-        if "agreement" in r:
-            print(json.dumps(r["agreement"], indent=1), "\n")
+        print(layer_table(r), "\n", flush=True)
         gc.collect()
     if a.json_out:
         Path(a.json_out).write_text(json.dumps({"peaks": peaks, "machine": machine(), "results": results}, indent=1))

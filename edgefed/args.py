@@ -81,6 +81,8 @@ def add_prefill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="with --prefill ort: no CPU fall-back")
     p.add_argument("--int8", action="store_true", help="with --prefill ort: W8A8 linear layers")
     p.add_argument("--shadow", action="store_true", help="with --int8: shadow outlier execution")
+    p.add_argument("--block", action="store_true", help="with --int8: block-wise int8 weights and dynamic int8 "
+                   "activations (ONNX Runtime MatMulNBits, CPU EP)")
     p.add_argument("--graph-dir", help="with --prefill ort: keep and reuse exported graphs")
 
 
@@ -119,10 +121,13 @@ def prefill_from_args(args: argparse.Namespace, context: int) -> PrefillOptions 
     """ONNX Runtime prefill options for graphs holding `context` tokens, or None for torch prefill."""
     if getattr(args, "prefill", "torch") != "ort":
         return None
-    if args.shadow and not args.int8:
-        raise ValueError("--shadow needs --int8")
+    block = getattr(args, "block", False)
+    if (args.shadow or block) and not args.int8:
+        raise ValueError(f"{'--shadow' if args.shadow else '--block'} needs --int8")
+    if args.shadow and block:
+        raise ValueError("--shadow and --block are two int8 recipes: choose one")
     return PrefillOptions(args.chunk, context, provider=args.provider, strict=args.strict, int8=args.int8,
-                          shadow=args.shadow, threads=args.threads, graph_dir=args.graph_dir)
+                          shadow=args.shadow, threads=args.threads, graph_dir=args.graph_dir, block=block)
 
 
 def run_config(args: argparse.Namespace, prompt: list[int], prefill: PrefillOptions | None, *,

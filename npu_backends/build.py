@@ -72,9 +72,10 @@ def int8_recipe(opts: PrefillOptions) -> dict:
     """Everything besides the float graphs that the int8 copies are built with (graphs.json records it per mode):
     copies built with other settings are rebuilt or refused, not reused. The calibration text is left out: the
     command line always passes the same corpus spread."""
-    return {"mode": opts.int8_mode, "smooth_alpha": quantize.SMOOTH_ALPHA, "rotate_block": quantize.ROTATE_BLOCK,
-            "quantize_outputs": quantize.QUANTIZE_OUTPUTS, "hot_fraction": opts.hot_fraction,
-            "calib_tokens": opts.calib_tokens}
+    recipe = {"mode": opts.int8_mode, "smooth_alpha": quantize.SMOOTH_ALPHA, "rotate_block": quantize.ROTATE_BLOCK,
+              "quantize_outputs": quantize.QUANTIZE_OUTPUTS, "hot_fraction": opts.hot_fraction,
+              "calib_tokens": opts.calib_tokens}
+    return recipe | ({"block": quantize.BLOCK} if opts.int8_mode == "block" else {})
 
 
 def _read_dir(root: Path) -> tuple[list[GraphSpec], dict] | None:
@@ -142,7 +143,7 @@ def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, cali
                                           model.config.vocab_size)
             feeds = record_calibration(model, specs, prompts, opts.threads)
             cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction, recipe["smooth_alpha"],
-                                recipe["rotate_block"])
+                                recipe["rotate_block"], block=recipe.get("block", quantize.BLOCK))
             record = read_graphs_json(root)
             record["int8"][opts.int8_mode] = recipe
             write_graphs_json(root, record)
@@ -152,7 +153,8 @@ def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, cali
 
 def _int8_specs(specs: list[GraphSpec], recipe: dict) -> tuple[list[GraphSpec], list[str]]:
     """The int8 copies of float `specs` (where build_int8 writes them) and the names of those not built yet."""
-    paths = [int8_path(s.path, recipe["mode"], recipe["smooth_alpha"], recipe["rotate_block"]) for s in specs]
+    paths = [int8_path(s.path, recipe["mode"], recipe["smooth_alpha"], recipe["rotate_block"],
+                       block=recipe.get("block", quantize.BLOCK)) for s in specs]
     missing = [p.name for p in paths if not p.is_file()]
     return [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)], missing
 
@@ -194,7 +196,8 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: 
     if opts.int8:
         recipe = int8_recipe(opts)
         rebuild = (f"`edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} --context "
-                   f"{specs[0].context}{groups} --int8{' --shadow' if opts.shadow else ''}`")
+                   f"{specs[0].context}{groups} --int8{' --shadow' if opts.shadow else ''}"
+                   f"{' --block' if opts.block else ''}`")
         specs, missing = _int8_specs(specs, recipe)
         if missing:
             raise GraphDirError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "

@@ -19,10 +19,15 @@ class PrefillOptions:
     graph_dir: str | None = None  # keep / reuse exported graphs here
     calib_tokens: int = 1024
     hot_fraction: float = 1 / 64
+    # with int8: block-wise 8-bit weights and dynamic int8 activations (ORT's MatMulNBits, CPU EP): the
+    # recipe that keeps >= 99% top-1 agreement on a real pretrained model (benchmarks/README.md, issue 16)
+    block: bool = False
 
     @property
     def int8_mode(self) -> str | None:
-        return None if not self.int8 else ("shadow" if self.shadow else "minmax")
+        if not self.int8:
+            return None
+        return "block" if self.block else ("shadow" if self.shadow else "minmax")
 
 
 def round_up(n: int, chunk: int) -> int:

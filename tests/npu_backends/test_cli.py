@@ -56,3 +56,14 @@ def test_a_prompt_longer_than_the_model_holds_is_named_before_any_export(llama_d
     assert main(argv) == 2
     assert f"the prompt has {limit + 7} tokens" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing exported or calibrated for a prompt that cannot run
+
+
+def test_int8_block_runs_and_needs_int8(llama_dir, capsys, tmp_path):
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
+            "--block", "--graph-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["int8"] == "block" and out["max_abs_logit_error"] < 0.5
+    assert json.loads((tmp_path / "graphs.json").read_text())["int8"]["block"]["block"] == 16
+    assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--block"]) == 2
+    assert "--block needs --int8" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""Per-token dynamic int8 activations for the linear layers (W8A8, activation scales computed at run time).
+
+A static per-tensor activation scale is fixed on calibration text. A real pretrained model's linear inputs
+carry a few tokens (the first, "attention-sink" token, delimiters) whose activations are tens to thousands
+of times the rest's, so a scale wide enough for them leaves ordinary tokens a handful of levels, and a scale
+that cuts them (clip) destroys exactly the tokens every later position attends to. Here each row of the
+input gets its own scale, measured when the chunk runs:
+
+    s_t = max_j |x_tj| / 127,   q_t = round(x_t / s_t) + 128 (uint8),   y_t = s_t * ((q_t - 128) @ Wq) * w_s
+
+Wq, w_s: int8 weights with one scale per output channel, quantized offline. Every op is standard ONNX with
+static shapes (Abs, ReduceMax, QuantizeLinear along the token axis, MatMulInteger, Cast, Mul), and one
+quantization serves every linear that reads the same input (gate and up). Calibration is needed only by
+the smoothing in front (smooth.py), not by the scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ZERO = 128  # uint8 zero point: symmetric int8 values stored as u8 (ORT's fast u8 x s8 GEMM)
+TINY = 1e-12  # an all-zero row (padding) gets a finite scale
+
+
+def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W (in, out) float -> (int8 (in, out), scale (out,)): symmetric, one scale per output channel."""
+    scale = np.maximum(np.abs(w).max(axis=0), TINY) / 127.0
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] = ()) -> list[str]:
+    """Rewrite every weight MatMul of `src` not in `exclude` as a per-token dynamic W8A8 linear; write dst.
+
+    Returns the names of the rewritten MatMuls.
+    """
+    m = onnx.load(str(src))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    tokens = _tokens(g)
+    targets = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits and n.name not in exclude]
+    quantized: dict[str, tuple[str, str]] = {}  # activation -> (u8 tensor, row scale (1, N, 1))
+    before: dict[str, list] = {}  # node name -> nodes to insert right before it
+    replace: dict[str, list] = {}
+    g.initializer.extend([numpy_helper.from_array(np.array(ZERO, np.uint8), "dyn/zero"),
+                          numpy_helper.from_array(np.full(tokens, ZERO, np.uint8), "dyn/zero_rows"),
+                          numpy_helper.from_array(np.array(1 / 127, np.float32), "dyn/inv127"),
+                          numpy_helper.from_array(np.array(TINY, np.float32), "dyn/tiny"),
+                          numpy_helper.from_array(np.array([-1], np.int64), "dyn/flat")])
+    for node in targets:
+        x = node.input[0]
+        if x not in quantized:
+            nodes, quantized[x] = _quantize_rows(node.name, x)
+            before[node.name] = nodes
+        q, s = quantized[x]
+        wq, ws = quantize_weight(numpy_helper.to_array(inits[node.input[1]]))
+        g.initializer.extend([numpy_helper.from_array(wq, f"{node.name}/w_int8"),
+                              numpy_helper.from_array(ws, f"{node.name}/w_scale")])
+        n = node.name
+        replace[n] = [
+            helper.make_node("MatMulInteger", [q, f"{n}/w_int8", "dyn/zero"], [f"{n}/acc"], name=f"{n}/MatMulInteger"),
+            helper.make_node("Cast", [f"{n}/acc"], [f"{n}/acc_f"], to=TensorProto.FLOAT, name=f"{n}/Cast"),
+            helper.make_node("Mul", [f"{n}/acc_f", f"{n}/w_scale"], [f"{n}/y_cols"], name=f"{n}/ColScale"),
+            helper.make_node("Mul", [f"{n}/y_cols", s], [node.output[0]], name=f"{n}/RowScale"),
+        ]
+    nodes = []
+    for n in g.node:  # topological order kept: each quantization right before its input's first linear
+        nodes += before.get(n.name, []) + replace.get(n.name, [n])
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]  # the float weights of rewritten linears go
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=Path(dst).name + ".data", size_threshold=1024)
+    return [n.name for n in targets]
+
+
+def _quantize_rows(name: str, x: str) -> tuple[list, tuple[str, str]]:
+    """Nodes turning x (1, N, K) into uint8 rows and their scales (1, N, 1)."""
+    t = {k: f"{name}/dyn_{k}" for k in ("abs", "amax", "amax_safe", "scale", "scale_rows", "u8")}
+    nodes = [
+        helper.make_node("Abs", [x], [t["abs"]], name=f"{name}/DynAbs"),
+        helper.make_node("ReduceMax", [t["abs"]], [t["amax"]], axes=[-1], keepdims=1, name=f"{name}/DynMax"),
+        helper.make_node("Max", [t["amax"], "dyn/tiny"], [t["amax_safe"]], name=f"{name}/DynSafe"),
+        helper.make_node("Mul", [t["amax_safe"], "dyn/inv127"], [t["scale"]], name=f"{name}/DynScale"),  # (1, N, 1)
+        helper.make_node("Reshape", [t["scale"], "dyn/flat"], [t["scale_rows"]], name=f"{name}/DynRows"),  # (N,)
+        helper.make_node("QuantizeLinear", [x, t["scale_rows"], "dyn/zero_rows"], [t["u8"]], axis=1,
+                         name=f"{name}/DynQuantize"),  # (1, N, K) uint8, one scale per token
+    ]
+    return nodes, (t["u8"], t["scale"])
+
+
+def _tokens(g: onnx.GraphProto) -> int:
+    """N, the chunk's rows: the first dimension of the graph's `cos` input (N, D)."""
+    for vi in g.input:
+        if vi.name == "cos":
+            return vi.type.tensor_type.shape.dim[0].dim_value
+    raise ValueError("the graph has no `cos` input (N, D): not an exported chunk graph")
+
+
+BLOCK = 32  # weights and activations quantized in blocks of this many input channels
+
+
+def quantize_blockwise(src: str | Path, dst: str | Path, exclude: Sequence[str] = (), block: int = BLOCK,
+                       accuracy_level: int = 4) -> list[str]:
+    """Rewrite every weight MatMul of `src` not in `exclude` as ONNX Runtime's MatMulNBits with 8-bit weights
+    (one scale per `block` input channels of each output) and accuracy_level 4: the CPU EP quantizes the
+    activations to int8 as it runs, one scale per token and block, and multiplies in int8 (VNNI); write dst.
+
+    Returns the names of the rewritten MatMuls. A com.microsoft op: the CPU EP's recipe, not an NPU graph.
+    """
+    m = onnx.load(str(src))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    targets = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits and n.name not in exclude]
+    replace = {}
+    for node in targets:
+        w = numpy_helper.to_array(inits[node.input[1]])  # (K, out)
+        q, scale = block_weight(w, block)
+        n = node.name
+        g.initializer.extend([numpy_helper.from_array(q, f"{n}/w_blocks"),
+                              numpy_helper.from_array(scale, f"{n}/w_scales")])
+        replace[n] = helper.make_node("MatMulNBits", [node.input[0], f"{n}/w_blocks", f"{n}/w_scales"],
+                                      [node.output[0]], name=n, domain="com.microsoft", K=w.shape[0],
+                                      N=w.shape[1], bits=8, block_size=block, accuracy_level=accuracy_level)
+    nodes = [replace.get(n.name, n) for n in g.node]
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=Path(dst).name + ".data", size_threshold=1024)
+    return [n.name for n in targets]
+
+
+def block_weight(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """W (K, out) -> MatMulNBits' 8-bit layout: uint8 (out, K/block, block) stored with zero point 128, and
+    scales (out, K/block); symmetric, K zero-padded up to whole blocks."""
+    k, out = w.shape
+    pad = -k % block
+    wt = np.concatenate([w, np.zeros((pad, out), w.dtype)]).T.reshape(out, -1, block)  # (out, blocks, block)
+    scale = np.maximum(np.abs(wt).max(-1), TINY) / 127.0
+    q = np.clip(np.round(wt / scale[..., None]), -127, 127).astype(np.int32) + ZERO
+    return q.astype(np.uint8), scale.astype(np.float32)

@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 MODEL  ?= models/edgefed-demo
 PROMPT ?= def fibonacci(n):
 
-.PHONY: demo test test-fast install install-test bench lint clean-venv real-model proto
+.PHONY: demo demo-generate test test-fast install install-test bench lint clean-venv real-model proto
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# `make demo`: the testbed's default scenario on the embedded demo model (a coordinator, 3 capped nodes, the
+# model tensor-parallel on 2, API requests, a node holding a rank killed, one federated round): a few minutes on
+# 2 cores; prints the summary and where the report is (testbed-out/). Run as root (`sudo make demo`) for network
+# namespaces, link shaping and cgroup caps; otherwise the nodes are loopback processes and the report says so.
+# The workload goes through the `openai` client (a base dependency). `make demo-generate` is the one-line
+# generate (MODEL=/path/to/hf-dir PROMPT='...' for another model or prompt).
+SCENARIO ?= scenarios/default.toml
 demo: install
+	$(VENV)/bin/edgefed testbed --scenario $(SCENARIO)
+
+demo-generate: install
 	$(VENV)/bin/edgefed generate --model $(MODEL) --prompt '$(PROMPT)' --greedy --max-new-tokens 64
 
 test: install-test

@@ -14,12 +14,15 @@ from __future__ import annotations
 import functools
 import json
 import random
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from edge_node.model.errors import EdgefedError
 from emulation.cleanup import Cleanup, run_prefix, sh
 from emulation.scenario import Node
 
+NETNS_DIR = "/run/netns"  # where `ip netns add` pins a namespace
 NODE_IF = "eth0"  # the node's end of its veth, inside its namespace
 
 
@@ -164,6 +167,10 @@ class Network:
     def exec_argv(self, name: str) -> list[str]:
         """Prefix for a command run inside the node's namespace ("coordinator" for the coordinator's)."""
         ns = self.plan.coordinator.ns if name == "coordinator" else self.plan.of(name).ns
+        if shutil.which("nsenter") and Path(NETNS_DIR, ns).exists():
+            # the network namespace only: `ip netns exec` also gives the process a fresh /sys without the cgroup
+            # mounts, so an agent could not read its own memory cap (edge_node.probe)
+            return ["nsenter", f"--net={NETNS_DIR}/{ns}", "--"]
         return ["ip", "netns", "exec", ns]
 
     def counters(self, name: str) -> dict[str, int]:

@@ -1,12 +1,13 @@
 """A testbed run's report: report.json, PNG plots, index.html showing them together, a console summary table.
 
 The report is a plain dict (JSON-ready) with these parts, each optional except `run`:
-  run       scenario name, mode (isolated / loopback) and why, latency mode (netem / injected), wall time, notes
+  run       scenario name, mode (isolated / loopback) and why, latency mode (netem / injected), wall time, notes,
+            deployments (each one the coordinator made, re-plans included: state, detail, its ranks' nodes)
   requests  per request: start_s, ttft_ms, ms_per_token, tokens_per_s, tokens, exit ("edge" / "cloud" / None), error
   nodes     per node: caps, peak_memory_mb, memory_mb ([t_s, MB] samples), tx_bytes / rx_bytes, ended (how)
   per_token per decoded token: compute_ms, comm_ms, io_wait_ms
   rounds    per federated round: round, perplexity, bytes, wall_s
-  faults    per fault: at_s, kind, node, applied_s, result
+  faults    per fault: at_s, kind, node (for a fault given by rank: the node that held it), rank, applied_s, result
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def summary(report: dict) -> dict:
     # over the span the requests ran (set-up and deploy excluded); the run's wall time without request times
     spans = [(r["start_s"], r["end_s"]) for r in reqs if r.get("start_s") is not None and r.get("end_s") is not None]
     wall = (max(e for _, e in spans) - min(s for s, _ in spans)) if spans else report.get("run", {}).get("wall_s") or 0
+    fired = [f["applied_s"] for f in report.get("faults", []) if f.get("applied_s") is not None]
+    after = [r for r in reqs if fired and (r.get("start_s") or 0) >= min(fired)]  # started once a fault had fired
     return {
         "requests": len(reqs), "ok": len(ok), "errors": len(reqs) - len(ok),
+        "after_fault": len(after), "after_fault_ok": sum(1 for r in after if not r.get("error")),
         "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p95": pct(ttft, 0.95),
         "ms_per_token_p50": pct(mspt, 0.5), "ms_per_token_p95": pct(mspt, 0.95),
         "tokens": tokens, "tokens_per_s": round(tokens / wall, 2) if wall else None,
@@ -64,7 +68,13 @@ def console_table(report: dict) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for f in report.get("faults", []):
-        lines.append(f"fault at {f['at_s']:g} s: {f['kind']} {f.get('node') or ''} -> {f.get('result', '')}")
+        rank = f" (rank {f['rank']})" if f.get("rank") is not None else ""
+        lines.append(f"fault at {f['at_s']:g} s: {f['kind']} {f.get('node') or ''}{rank} -> {f.get('result', '')}")
+    if report.get("faults"):
+        lines.append(f"after the first fault: {s['after_fault_ok']}/{s['after_fault']} requests ok")
+    for d in run.get("deployments", []):
+        lines.append(f"deployment {d['deployment_id']} on {', '.join(d['nodes']) or '-'}: {d['state']}"
+                     + (f" ({d['detail']})" if d.get("detail") else ""))
     for note in run.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

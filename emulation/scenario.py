@@ -78,7 +78,8 @@ class Federated:
 class Fault:
     at_s: float
     kind: str
-    node: str | None = None  # kill_node, cut_link
+    node: str | None = None  # kill_node, cut_link: this node
+    rank: int | None = None  # or the node that holds this rank of the served deployment when the fault fires
     duration_s: float = 0.0  # cut_link: how long the link stays down
 
 
@@ -244,12 +245,17 @@ def _check(sc: Scenario, source: str) -> None:
         if f.at_s < 0 or f.duration_s < 0:
             raise bad(t, "at_s" if f.at_s < 0 else "duration_s", "must not be negative")
         if f.kind == "restart_coordinator":
-            if f.node is not None:
-                raise bad(t, "node", "restart_coordinator takes no node")
+            if f.node is not None or f.rank is not None:
+                raise bad(t, "node" if f.node is not None else "rank", "restart_coordinator takes no node")
             continue
-        if f.node is None:
-            raise bad(t, "node", f"{f.kind} needs a node")
-        if f.node not in names:
+        if (f.node is None) == (f.rank is None):
+            raise bad(t, "node", f"{f.kind} needs either a node or a rank (the node holding it), not "
+                      + ("both" if f.node is not None else "neither"))
+        if f.rank is not None:
+            if not 0 <= f.rank < sc.deployment.tensor_parallel:
+                raise bad(t, "rank", f"must be in 0..{sc.deployment.tensor_parallel - 1} "
+                          f"([deployment] tensor_parallel = {sc.deployment.tensor_parallel}), got {f.rank}")
+        elif f.node not in names:
             raise bad(t, "node", f"no node named {f.node!r} (nodes: {', '.join(names)})")
         if f.kind == "cut_link" and f.duration_s <= 0:
             raise bad(t, "duration_s", "cut_link needs a duration_s above 0")

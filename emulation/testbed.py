@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -82,6 +82,7 @@ class Run:
         self.deployment: dict = {}
         self.probe_result: dict | None = None
         self.rounds: list[dict] = []
+        self.final_deployments: list[dict] = []
 
     # --- processes -----------------------------------------------------------------------------------------
     def start_coordinator(self) -> None:
@@ -213,6 +214,25 @@ class Run:
             run_workload(client, model, after, w.concurrency, 0.0, self.t0, self.requests)
 
     # --- faults --------------------------------------------------------------------------------------------
+    def holder(self, rank: int) -> str:
+        """The node that holds `rank` of the newest running deployment (a fault given by rank, not by node)."""
+        running = [d for d in self.admin("GET", "/admin/deployments")["data"] if d["state"] == "running"]
+        for a in (running[-1]["assignments"] if running else []):
+            if a["rank"] == rank:
+                return a["node_id"]
+        raise TestbedError(f"no running deployment has a rank {rank}")
+
+    def deployments(self) -> list[dict]:
+        """Every deployment the coordinator made (the deploy's and the re-plans'), with its ranks' nodes."""
+        try:
+            data = self.admin("GET", "/admin/deployments")["data"]
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+            self.notes.append(f"deployments not read at the end: {e}")
+            return []
+        return [{"deployment_id": d["deployment_id"], "state": d["state"], "detail": d.get("detail", ""),
+                 "nodes": [a["node_id"] for a in sorted(d.get("assignments", []), key=lambda a: a["rank"])]}
+                for d in data]
+
     def apply(self, f: Fault) -> str:
         if f.kind == "kill_node":
             cg = self.fleet.cgroups.get(f.node)
@@ -246,6 +266,9 @@ class Run:
                 time.sleep(STEP_S)
             rec = {**asdict(f), "applied_s": round(time.monotonic() - self.t0, 3)}
             try:
+                if f.rank is not None:  # resolved when it fires: a re-plan may have moved the rank
+                    f = replace(f, node=self.holder(f.rank))
+                    rec["node"] = f.node
                 rec["result"] = self.apply(f)
             except Exception as e:  # noqa: BLE001 - a fault that cannot be applied is recorded, the run goes on
                 rec["result"] = f"not applied: {e}"
@@ -289,6 +312,7 @@ class Run:
                "why_loopback": self.fleet.why_loopback, "latency_mode": self.fleet.latency_mode,
                "prefix": self.fleet.prefix, "wall_s": round(time.monotonic() - started, 2),
                "deployment": {k: self.deployment.get(k) for k in ("deployment_id", "state", "world")},
+               "deployments": self.final_deployments,
                "error": error, "notes": self.notes}
         probe = self.probe_result or {}
         return {"run": run, "requests": sorted(self.requests, key=lambda r: r["index"]), "nodes": nodes,
@@ -330,6 +354,7 @@ def check_model(sc: Scenario) -> None:
 def run_testbed(sc: Scenario, opts: TestbedOptions) -> dict:
     """Run a scenario end to end; writes the report under opts.out and returns it."""
     check_model(sc)
+    opts = replace(opts, out=opts.out.resolve())  # agents and their ranks run elsewhere: every path absolute
     prefix = run_prefix()
     started = time.monotonic()
     prompts = prompts_of(sc)
@@ -350,6 +375,7 @@ def run_testbed(sc: Scenario, opts: TestbedOptions) -> dict:
             run.probe_result = run.probe(prompts[0])
             run.serve(run.deploy(), prompts, stop)
             stop.set()
+            run.final_deployments = run.deployments()
             if sc.federated is not None:  # after the workload, so the two do not share the CPUs
                 print(f"testbed {sc.name}: federated session ({sc.federated.rounds} round(s))", file=sys.stderr,
                       flush=True)

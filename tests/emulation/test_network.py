@@ -109,3 +109,15 @@ def test_a_run_leaves_nothing_behind():
     assert mine(after, prefix) == {"netns": [], "links": [], "cgroups": []}
     assert set(after["netns"]) <= set(before["netns"]) | {n for n in after["netns"] if not n.startswith("ef")}
     assert not (set(after["links"]) - set(before["links"]))  # no link was ever made in the host's namespace
+
+
+def test_a_node_process_is_in_its_namespace_and_sees_the_cgroup_mounts(net):
+    """In the node's network namespace (its veth, not the host's links), yet with the host's mounts, so an agent
+    can read its own cgroup's memory cap (edge_node.probe)."""
+    code = "print(open('/proc/net/dev').read()); print(open('/proc/self/mountinfo').read())"
+    out = subprocess.run([*net.exec_argv("a"), sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    links = {ln.split(":")[0].strip() for ln in out.splitlines() if ":" in ln and "|" not in ln}
+    assert "eth0" in links and net.plan.of("a").hub_if not in links
+    host_cgroups = [ln for ln in open("/proc/self/mountinfo") if " - cgroup" in ln]
+    assert host_cgroups and all(ln.split()[4] in out for ln in host_cgroups)

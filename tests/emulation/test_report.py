@@ -41,6 +41,7 @@ def test_summary_counts_and_percentiles():
     assert s["tokens"] == 144 and s["tokens_per_s"] == 14.4  # over the 10 s the requests ran, not the run
     assert (s["edge_exits"], s["cloud"]) == (4, 5)
     assert s["oom_kills"] == ["b"]
+    assert (s["after_fault"], s["after_fault_ok"]) == (4, 3)  # started at 6, 7, 8 (ok) and 9 (failed) s
 
 
 def test_console_table_names_nodes_faults_and_an_oom_kill():
@@ -49,6 +50,18 @@ def test_console_table_names_nodes_faults_and_an_oom_kill():
     assert "requests 9/10 ok, 1 errors" in text
     assert any(line.startswith("b ") and "OOM killer" in line for line in text.splitlines())
     assert "fault at 5 s: kill_node b" in text and "note: n1" in text
+    assert "after the first fault: 3/4 requests ok" in text
+
+
+def test_console_table_names_the_rank_a_fault_hit_and_the_re_plan():
+    report = sample_report()
+    report["faults"][0]["rank"] = 1
+    report["run"]["deployments"] = [{"deployment_id": "d1", "state": "stopped", "detail": "replaced by d2",
+                                     "nodes": ["a", "b"]},
+                                    {"deployment_id": "d2", "state": "running", "detail": "", "nodes": ["a", "c"]}]
+    text = console_table(report)
+    assert "fault at 5 s: kill_node b (rank 1)" in text
+    assert "deployment d1 on a, b: stopped (replaced by d2)" in text and "deployment d2 on a, c: running" in text
 
 
 def test_files_are_written_and_readable(tmp_path):

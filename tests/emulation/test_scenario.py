@@ -85,6 +85,17 @@ def test_fault_naming_an_unknown_node(tmp_path):
         load_scenario(write(tmp_path, cut))
 
 
+def test_fault_by_rank(tmp_path):
+    sc = load_scenario(write(tmp_path, GOOD.replace('node = "b"', "rank = 1")))
+    assert sc.faults[0].rank == 1 and sc.faults[0].node is None
+    with pytest.raises(ScenarioError, match=r"\[faults\[0\]\] rank: must be in 0\.\.1 .*got 2"):
+        load_scenario(write(tmp_path, GOOD.replace('node = "b"', "rank = 2")))
+    with pytest.raises(ScenarioError, match=r"\[faults\[0\]\] node: kill_node needs either a node or a rank .* both"):
+        load_scenario(write(tmp_path, GOOD.replace('node = "b"', 'node = "b"\nrank = 0')))
+    with pytest.raises(ScenarioError, match=r"\[faults\[0\]\] node: kill_node needs .* neither"):
+        load_scenario(write(tmp_path, GOOD.replace('node = "b"', "")))
+
+
 def test_ranges_and_references(tmp_path):
     with pytest.raises(ScenarioError, match=r"\[deployment\] tensor_parallel: must be between 1 and the 2 nodes"):
         load_scenario(write(tmp_path, GOOD.replace("tensor_parallel = 2", "tensor_parallel = 3")))

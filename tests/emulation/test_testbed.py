@@ -42,12 +42,13 @@ memory_mb = 1024
 bandwidth_mbit = 100
 latency_ms = 2
 """
-KILL_B = """
+KILL_RANK_1 = """
 [[faults]]
 at_s = 1
 kind = "kill_node"
-node = "b"
+rank = 1
 """
+KILL_B = KILL_RANK_1.replace("rank = 1", 'node = "b"')
 NOTHING = {"netns": [], "links": [], "cgroups": []}
 
 
@@ -85,7 +86,7 @@ def _prefix(stderr_line: str) -> str:
 def test_two_nodes_end_to_end_and_the_service_survives_a_killed_node(tmp_path):
     _isolated()
     sc = tmp_path / "two.toml"
-    sc.write_text(TWO_NODES + KILL_B)
+    sc.write_text(TWO_NODES + KILL_RANK_1)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "edgefed", "testbed", "--scenario", str(sc), "--out", str(out),
                         "--no-progress"], capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -96,11 +97,18 @@ def test_two_nodes_end_to_end_and_the_service_survives_a_killed_node(tmp_path):
     assert leftovers(run["prefix"]) == NOTHING and _ours(tmp_path) == []
     reqs = report["requests"]
     assert all(q["error"] is None and q["tokens"] == 8 for q in reqs), reqs
-    assert [q["phase"] for q in reqs].count("after faults") == 2  # the service answered once b was gone
-    assert report["faults"][0]["result"].startswith("killed ") and report["faults"][0]["applied_s"] >= 1
-    a, b = report["nodes"]["a"], report["nodes"]["b"]
-    assert b["ended"] == "killed by SIGKILL" and a["ended"] is None
-    for n in (a, b):
+    assert [q["phase"] for q in reqs].count("after faults") == 2  # the service answered once the node was gone
+    fault = report["faults"][0]
+    assert fault["result"].startswith("killed ") and fault["applied_s"] >= 1 and fault["rank"] == 1
+    killed = fault["node"]  # the node that held rank 1 when the fault fired
+    alive = ({"a", "b"} - {killed}).pop()
+    assert report["nodes"][killed]["ended"] == "killed by SIGKILL" and report["nodes"][alive]["ended"] is None
+    deps = run["deployments"]  # the deploy's group, then the coordinator's re-plan on the node left
+    assert sorted(deps[0]["nodes"]) == ["a", "b"] and deps[0]["state"] == "stopped"
+    assert deps[-1]["nodes"] == [alive] and deps[-1]["state"] == "running"
+    assert report["summary"]["after_fault"] >= 2 and report["summary"]["after_fault_ok"] == \
+        report["summary"]["after_fault"]
+    for n in (report["nodes"]["a"], report["nodes"]["b"]):
         assert 50 < n["peak_memory_mb"] <= 1024 and n["memory_mb"]  # sampled under the cap
         assert n["tx_bytes"] > 0 and n["rx_bytes"] > 0  # the kernel's counters of its link
     assert all((out / f"{p}.png").is_file() for p in PLOTS) and (out / "index.html").is_file()

@@ -1,6 +1,12 @@
 """Early exit with a cloud tier (CE-CoLLM) on the demo model and SmolLM2-135M-Instruct.
 
-    .venv/bin/python benchmarks/bench_early_exit.py [--models demo,smollm2] [--out DIR]
+    .venv/bin/python benchmarks/bench_early_exit.py [--models demo,smollm2] [--out DIR] [--png PATH]
+    .venv/bin/python benchmarks/bench_early_exit.py --plot-from RESULT.json... [--png PATH]
+
+Each model's results are saved as DIR/early_exit_<model>.json (and all of them as DIR/early_exit_results.json);
+--plot-from redraws the table and the trade-off PNG from such files without running anything (the SmolLM2 part
+takes ~12 min on the shared machine). --quality-only (with --train-tokens, --steps, --ridge, --weight-decay to
+try other heads) trains and scores the heads only: top-1, the sweep, and thresholds calibrated per exit.
 
 Per model: exit heads trained by `edge_node.exit_train` on the stdlib corpus' train split (hidden states cached
 once), evaluated on held-out stdlib files (the demo model never saw them; SmolLM2 was not trained on this split).
@@ -124,6 +130,45 @@ def sweep(model, heads: ExitHeads, ev: HiddenCache, chunks, k: int) -> list[dict
     return rows
 
 
+GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.3 .. 0.95: per-exit threshold candidates
+
+
+@torch.no_grad()
+def calibrated(model, heads: ExitHeads, ev: HiddenCache, chunks, k: int, target: float = 0.95) -> dict:
+    """A threshold per exit, chosen on the first half of the held-out chunks (most tokens on the edge with greedy
+    agreement >= target there), and the uniform threshold chosen the same way; both scored on the other half."""
+    w = model.lm_head.float()
+    full_tok = F.linear(model.norm(ev.final).float(), w).argmax(-1)
+    exits = [e for e in heads.layers if e <= k]
+    tok, conf = {}, {}
+    for e in exits:
+        p = torch.softmax(F.linear(heads.heads[str(e)].features(ev.at[e]), w), -1)
+        conf[e], tok[e] = p.max(-1)
+    half = sum(len(c) for c in chunks[:len(chunks) // 2])
+    parts = {"calibration": slice(0, half), "evaluation": slice(half, ev.rows)}
+
+    def score(ts: tuple[float, ...], part: slice) -> tuple[float, float]:
+        answer, edge = full_tok[part].clone(), torch.zeros(full_tok[part].shape[0], dtype=torch.bool)
+        for e, t in zip(exits, ts, strict=True):  # the first confident exit wins
+            leave = (conf[e][part] > t) & ~edge
+            answer[leave], edge = tok[e][part][leave], edge | leave
+        return float(edge.float().mean()), float((answer == full_tok[part]).float().mean())
+
+    import itertools
+
+    out = {"k": k, "target": target, "calibration_rows": half, "evaluation_rows": ev.rows - half}
+    for name, cands in (("uniform", [(t,) * len(exits) for t in GRID]),
+                        ("per_exit", list(itertools.product(GRID, repeat=len(exits))))):
+        ok = [(score(ts, parts["calibration"]), ts) for ts in cands]
+        ok = [(edge, ts) for (edge, agree), ts in ok if agree >= target]
+        ts = max(ok)[1] if ok else (1.0,) * len(exits)
+        edge, agree = score(ts, parts["evaluation"])
+        out[name] = {"thresholds": dict(zip(map(str, exits), ts, strict=True)), "edge_frac": edge,
+                     "greedy_agreement": agree, "calibration": dict(zip(("edge_frac", "greedy_agreement"),
+                                                                       score(ts, parts["calibration"]), strict=True))}
+    return out
+
+
 def _layer_macs(cfg) -> int:
     h, d = cfg.hidden_size, cfg.head_dim
     attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
@@ -226,8 +271,9 @@ def modelled_latency(row: dict, comp: dict, exits: list[int]) -> dict:
             "naive_split_ms": comp["edge"] + link + cloud, "early_exit_ms": ee}
 
 
-def run_model(name: str, out_dir: Path, cache_dir: Path) -> dict:
-    spec = MODELS[name]
+def run_model(name: str, out_dir: Path, cache_dir: Path, overrides: dict | None = None,
+              quality_only: bool = False) -> dict:
+    spec = {**MODELS[name], **(overrides or {})}
     model_dir = spec["dir"]
     if not (model_dir / "config.json").is_file():
         return {"model": name, "skipped": f"{model_dir} not found"}
@@ -239,15 +285,22 @@ def run_model(name: str, out_dir: Path, cache_dir: Path) -> dict:
     ev, ev_chunks = cached_hidden(name, model, tok, "heldout", spec["heldout"], exits, cache_dir)
     t_hidden = time.perf_counter() - t0
     t0 = time.perf_counter()
-    heads = train_exit_heads(model, tr, ExitTrainConfig(exits, steps=spec["steps"]))
+    heads = train_exit_heads(model, tr, ExitTrainConfig(exits, steps=spec["steps"], ridge=spec.get("ridge", 1e-2),
+                                                        weight_decay=spec.get("weight_decay", 0.0)))
     t_train = time.perf_counter() - t0
     untrained = ExitHeads.untrained(model.config, exits, model.norm.weight, adapter=False)
     ridge_only = train_exit_heads(model, tr, ExitTrainConfig(exits, steps=0))
     result = {"model": name, "layers": model.config.num_layers, "train_tokens": tr.rows, "heldout_tokens": ev.rows,
               "hidden_states_s": round(t_hidden, 1), "train_s": round(t_train, 1), "steps": spec["steps"],
               "top1_untrained": agreement(model, untrained, ev), "top1_ridge_only": agreement(model, ridge_only, ev),
-              "top1_trained": agreement(model, heads, ev), "sweep": [], "codec": {}, "latency": []}
+              "top1_trained": agreement(model, heads, ev), "sweep": [], "codec": {}, "latency": [],
+              "top1_trained_on_train_rows": agreement(model, heads, tr),
+              "ridge": spec.get("ridge", 1e-2), "weight_decay": spec.get("weight_decay", 0.0), "calibrated": []}
     for k in spec["splits"]:
+        result["calibrated"].append(calibrated(model, heads, ev, ev_chunks, k))
+        if quality_only:
+            result["sweep"] += sweep(model, heads, ev, ev_chunks, k)
+            continue
         comp = components(model_dir, heads, k, tok)
         result.setdefault("components_ms", {})[str(k)] = comp
         rows = sweep(model, heads, ev, ev_chunks, k)
@@ -301,6 +354,8 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> str:
+    """The trade-off PNG: per model, edge fraction against greedy agreement (top) and against ms/token (bottom:
+    modelled lines per k with cloud-only and the naive split dashed, measured end-to-end points), per split k."""
     try:
         import matplotlib
 
@@ -308,16 +363,69 @@ def plot(results: list[dict], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no PNG, the table only"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        for k in sorted({s["k"] for s in r.get("sweep", [])}):
-            pts = [(s["edge_frac"], s["greedy_agreement"]) for s in r["sweep"] if s["k"] == k]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{r['model']} k={k}")
-    ax.set_xlabel("tokens answered on the edge")
-    ax.set_ylabel("greedy agreement with the full model")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    results = [r for r in results if r.get("sweep")]
+    if not results:
+        return "no sweep results to plot"
+    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 8), squeeze=False)
+    for col, r in enumerate(results):
+        top, bottom = axes[0][col], axes[1][col]
+        for i, k in enumerate(sorted({s["k"] for s in r["sweep"]})):
+            color = f"C{i}"
+            rows = [s for s in r["sweep"] if s["k"] == k]
+            xs = [100 * s["edge_frac"] for s in rows]
+            top.plot(xs, [100 * s["greedy_agreement"] for s in rows], marker="o", color=color, label=f"k={k}")
+            for s, x in zip(rows, xs, strict=True):
+                if s["threshold"] in (0.3, 0.5, 0.7, 0.9):
+                    top.annotate(f"{s['threshold']}", (x, 100 * s["greedy_agreement"]), fontsize=7,
+                                 textcoords="offset points", xytext=(3, 3))
+            bottom.plot(xs, [s["modelled"]["early_exit_ms"] for s in rows], marker="o", color=color,
+                        label=f"k={k} early exit (modelled)")
+            m = rows[0]["modelled"]
+            bottom.axhline(m["naive_split_ms"], color=color, linestyle="--", linewidth=1,
+                           label=f"k={k} naive split (modelled)")
+            bottom.axhline(m["cloud_only_ms"], color=color, linestyle=":", linewidth=1,
+                           label=f"k={k} cloud-only (modelled)")
+            meas = [x for x in r.get("latency", []) if x["k"] == k and x["config"].startswith("exit")]
+            bottom.scatter([100 * x["edge_frac"] for x in meas], [x["ms_per_token"] for x in meas], marker="x",
+                           color=color, label=f"k={k} early exit (measured)")
+        top.axhline(95, color="grey", linewidth=0.8)
+        top.axvline(30, color="grey", linewidth=0.8)
+        top.set_title(f"{r['model']} ({r['layers']} layers): quality (labels: threshold)")
+        top.set_xlabel("tokens answered on the edge (%)")
+        top.set_ylabel("greedy agreement with the full model (%)")
+        top.legend(fontsize=8)
+        bottom.set_title(f"{r['model']}: latency, injected 20 ms RTT + 50 Mbit/s")
+        bottom.set_xlabel("tokens answered on the edge (%)")
+        bottom.set_ylabel("ms / token")
+        bottom.legend(fontsize=6)
+    fig.suptitle("Early exit with a cloud tier: held-out text, teacher-forced sweep of thresholds 0.3..0.95 and off",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return str(path)
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    """Saved results: files holding one model's result or a list of them, or directories of early_exit_*.json."""
+    out: list[dict] = []
+    for name in paths:
+        p = Path(name)
+        files = sorted(p.glob("early_exit_*.json")) if p.is_dir() else [p]
+        files = [f for f in files if f.name != "early_exit_results.json"] if p.is_dir() else files
+        if not files:
+            raise SystemExit(f"{p}: no early_exit_*.json results here")
+        for f in files:
+            try:
+                doc = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise SystemExit(f"{f}: cannot read the results ({e})") from None
+            for r in doc if isinstance(doc, list) else [doc]:
+                if not isinstance(r, dict) or "model" not in r:
+                    raise SystemExit(f"{f}: not bench_early_exit.py results (no 'model' field)")
+                out.append(r)
+    return out
 
 
 def main() -> int:
@@ -326,15 +434,37 @@ def main() -> int:
     p.add_argument("--out", default=str(Path("/tmp") / "edgefed-bench-early-exit" / "results"))
     p.add_argument("--cache", default=str(Path("/tmp") / "edgefed-bench-early-exit"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--png", default=str(ROOT / "benchmarks" / "early_exit_tradeoff.png"),
+                   help="where the trade-off plot goes")
+    p.add_argument("--train-tokens", type=int, help="override the models' training tokens")
+    p.add_argument("--steps", type=int, help="override the models' KL steps")
+    p.add_argument("--ridge", type=float, help="override the closed-form start's relative ridge (default 0.01)")
+    p.add_argument("--weight-decay", type=float, help="AdamW decay of the adapters towards identity (default 0)")
+    p.add_argument("--quality-only", action="store_true",
+                   help="heads, sweep and calibration only: no latency, components or codec (no table, no PNG)")
+    p.add_argument("--plot-from", nargs="+", metavar="JSON",
+                   help="draw the table and the PNG from saved results (files or directories); runs nothing")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_model(m, out, Path(args.cache)) for m in args.models.split(",")]
+    if args.plot_from:
+        results = load_results(args.plot_from)
+    else:
+        overrides = {key: v for key, v in (("train", args.train_tokens), ("steps", args.steps), ("ridge", args.ridge),
+                                            ("weight_decay", args.weight_decay)) if v is not None}
+        results = [run_model(m, out, Path(args.cache), overrides, args.quality_only) for m in args.models.split(",")]
+        (out / "early_exit_results.json").write_text(json.dumps(results, indent=1))
+        if args.quality_only:
+            print(json.dumps([{key: r.get(key) for key in ("model", "train_tokens", "steps", "ridge", "weight_decay",
+                                                           "top1_untrained", "top1_trained",
+                                                           "top1_trained_on_train_rows", "calibrated")}
+                              for r in results], indent=1))
+            return 0
     md = table(results)
     (out / "early_exit.md").write_text(md)
     print(md)
-    print(plot(results, out / "early_exit_tradeoff.png"), file=sys.stderr)
+    print(plot(results, Path(args.png)), file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,20 @@ deployment, ~20 s per round on this machine's loopback runs). Held-out perplexit
 partition after every round (not counted in wall time).
 
     .venv/bin/python benchmarks/bench_federated.py --rounds 3 --steps 8 --straggler email=4 --out /tmp/edgefed-bench/fl
+
+`--live`: the same comparison as a real deployment on loopback, wall time read off the clock: a SuperLink and one
+SuperNode per client (federated.runner.LocalFederation, each ClientApp in its own process, the clients training
+side by side on the machine's cores), the straggler's SuperNode given `slowdown` in its node config (its client
+sleeps (factor - 1) x each step's measured time after the step: an emulated slow device, not a CPU quota).
+Synchronous FedAvg runs `--rounds` rounds; FedCompass then runs until its mean held-out perplexity reaches sync's
+final one (at most 3x as many rounds). With `--side-by-side` both run at once on two federations (4 SuperNodes),
+`--rounds` each, so the shared machine's load swings hit both alike; the time to sync's final perplexity is read
+off each curve. The held-out perplexity is measured after every round (ServerApp
+`eval-rounds`) and its time kept out of the wall time, which is the server's clock from sending a round's
+orders to aggregating it, summed over rounds.
+
+    .venv/bin/python benchmarks/bench_federated.py --live --rounds 3 --steps 8 --seq-len 64 --batch-size 2 \
+        --straggler email=4 --out /tmp/edgefed-bench/fl-live
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,7 +137,75 @@ def calibrate(curves: list[list[dict]], measured: list[tuple[float, float]], ext
     return s_step
 
 
-def plot(curves: dict[str, list[dict]], path: Path) -> None:
+def live_curve(summary: dict) -> list[dict]:
+    """(round, clock wall time, per-client and mean held-out perplexity) from a session summary."""
+    hist = summary["history"]
+    ppl0 = {c["name"]: c["ppl-before"] for c in hist[0]["clients"]}
+    curve = [{"round": 0, "t": 0.0, "ppl": ppl0, "mean_ppl": statistics.mean(ppl0.values())}]
+    for h in hist:
+        curve.append({"round": h["round"], "t": h["wall_s"], "round_s": h["seconds"], "ppl": h["ppl_after"],
+                      "mean_ppl": h["mean_ppl"], "steps": {c["name"]: c["steps"] for c in h["clients"]},
+                      "s_per_step": {c["name"]: round(c["s-per-step"], 3) for c in h["clients"]},
+                      "late": [c["name"] for c in h["clients"] if c["sent_in_round"] != h["round"]],
+                      "missing": h["missing_nodes"], "eval_s": h["eval_s"]})
+    return curve
+
+
+def run_live(args, clients: dict, slow: dict, work: Path) -> None:
+    from federated.runner import LocalFederation
+    from federated.strategy import SessionConfig
+
+    nodes = [{"name": n, "data": s.data, "quant": "float32", "slowdown": slow[n], "threads": 1}
+             for n, s in clients.items()]
+    base = SessionConfig(model=str(DEMO), out="", rounds=args.rounds, min_clients=len(nodes), rank=args.rank,
+                         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                         train_blocks=args.train_blocks, eval_blocks=args.eval_blocks, deadline_s=args.deadline,
+                         evaluate=False, eval_rounds=True)
+    t0 = time.perf_counter()
+    if args.side_by_side:  # two federations at once: the machine's load swings hit both schedules alike
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(schedule: str) -> tuple[dict, float]:
+            with LocalFederation(work / f"flower-{schedule}", nodes) as fed:
+                c = time.perf_counter()
+                out = fed.run(replace(base, out=str(work / schedule), schedule=schedule), timeout_s=args.timeout)
+                return out, time.perf_counter() - c
+
+        with ThreadPoolExecutor(2) as pool:
+            (sync, ds), (fc, dc) = pool.map(one, ["sync", "compass"])
+        target = sync["history"][-1]["mean_ppl"]
+        c0, c1, c2 = 0.0, ds, ds + dc
+    else:
+        with LocalFederation(work / "flower", nodes) as fed:
+            c0 = time.perf_counter()
+            sync = fed.run(replace(base, out=str(work / "sync"), schedule="sync"), timeout_s=args.timeout)
+            c1 = time.perf_counter()
+            target = sync["history"][-1]["mean_ppl"]
+            fc = fed.run(replace(base, out=str(work / "compass"), schedule="compass", rounds=3 * args.rounds,
+                                 target_ppl=target), timeout_s=args.timeout)
+            c2 = time.perf_counter()
+    curves = {"sync FedAvg": live_curve(sync), "FedCompass": live_curve(fc)}
+    ts, tc = (time_to(c, target) for c in curves.values())
+    best = min(c["mean_ppl"] for c in curves["sync FedAvg"][1:])  # sync's best round (its last may overfit)
+    bs, bc = (time_to(c, best) for c in curves.values())
+    result = {"mode": "live", "target_mean_ppl": target, "curves": curves,
+              "time_to_target_s": {"sync": ts, "compass": tc}, "speedup": round(ts / tc, 2) if tc else None,
+              "sync_best_mean_ppl": best, "time_to_sync_best_s": {"sync": bs, "compass": bc},
+              "speedup_to_sync_best": round(bs / bc, 2) if bc else None,
+              "session_clock_s": {"sync": round(c1 - c0, 1), "compass": round(c2 - c1, 1)},
+              "bench_seconds": round(time.perf_counter() - t0, 1), "args": vars(args)}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    for c in curves.values():
+        for r in c:
+            r["t_cal"] = r["t"]
+    plot(curves, work / "ppl_vs_time.png", "wall time (s, server clock, live SuperNodes on loopback)")
+    print(json.dumps({k: result[k] for k in ("target_mean_ppl", "time_to_target_s", "speedup", "sync_best_mean_ppl",
+                                             "time_to_sync_best_s", "speedup_to_sync_best", "session_clock_s",
+                                             "bench_seconds")}, indent=1))
+
+
+def plot(curves: dict[str, list[dict]], path: Path,
+         xlabel: str = "wall time (s, clients side by side; median s/step)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +214,7 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in curves.items():
         ax.plot([c["t_cal"] for c in curve], [c["mean_ppl"] for c in curve], marker="o", label=name)
-    ax.set_xlabel("wall time (s, clients side by side; median s/step)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean held-out perplexity")
     ax.set_title("federated LoRA, demo model, one 4x straggler")
     ax.legend()
@@ -154,6 +237,12 @@ def main() -> None:
     p.add_argument("--dp-clip", type=float, default=0.0, help="clip every client update to this L2 norm")
     p.add_argument("--dp-noise", type=float, default=0.0, help="noise multiplier (std = noise x clip / clients)")
     p.add_argument("--only-sync", action="store_true", help="the synchronous run alone (privacy cost runs)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--live", action="store_true", help="a real SuperLink and SuperNodes, wall time by the clock")
+    p.add_argument("--deadline", type=float, default=600.0, help="--live: a round's hard limit (s)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="--live: run both schedules at once, --rounds each (time to target read off the curves)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="--live: a session's limit (s)")
     p.add_argument("--out", default="/tmp/edgefed-bench/fl")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -165,6 +254,9 @@ def main() -> None:
         data = write_client_data(work / f"{name}.json", part.files("train"), part.files("heldout"))
         clients[name] = ClientSettings(name=name, data=str(data), quant="float32")
         slow[name] = float(factor) if name == who else 1.0
+    if args.live:
+        run_live(args, clients, slow, work)
+        return
     t0 = time.perf_counter()
     measured: list[tuple[float, float]] = []
     sync = run_strategy("sync", clients, slow, args, None, measured)

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from coordinator.api_queue import Gate, QueueFull
 from coordinator.api_schema import ApiError, ChatRequest, CompletionRequest, parse_json, parse_request
 from coordinator.api_text import IncrementalDetokenizer, StopMatcher
-from coordinator.backend import Backend, FinishEvent, GenerationRequest, LocalBackend, TokenEvent
+from coordinator.backend import Backend, EarlyExitRequest, FinishEvent, GenerationRequest, LocalBackend, TokenEvent
 from coordinator.metrics import ApiMetrics, NodeSample, QueueSample
 from edge_node.model.config import ModelConfig
 from edge_node.model.errors import EdgefedError, ModelConfigError, PromptError
@@ -56,6 +56,8 @@ class Deployment:
     max_queue: int = 16  # requests waiting beyond those; more get 429
     stop_ids: tuple[int, ...] = ()  # ids that end a generation besides the model's EOS ids
     created: int = field(default_factory=lambda: int(time.time()))
+    exit_layers: tuple[int, ...] = ()  # layers with an exit head: requests may set early_exit (else a 400)
+    exit_cloud: bool = False  # a cloud tier is configured: early_exit.mode "collaborative" is allowed
 
     @classmethod
     def for_model(cls, name: str, model_dir: str | Path, backend: Backend, **kw) -> Deployment:
@@ -65,9 +67,16 @@ class Deployment:
 
 
 def local_deployment(model_dir: str | Path, name: str | None = None, dtype: str = "float32",
-                     threads: int | None = None, **kw) -> Deployment:
-    """A model served in this process (single node): the fallback with no device nodes, and what tests use."""
-    return Deployment.for_model(name or Path(model_dir).name, model_dir, LocalBackend(model_dir, dtype, threads), **kw)
+                     threads: int | None = None, exits: str | Path | None = None, cloud: str | None = None,
+                     split: int | None = None, **kw) -> Deployment:
+    """A model served in this process (single node): the fallback with no device nodes, and what tests use.
+
+    exits (an exits.json, or "auto") lets requests ask for early exit; cloud (HOST:PORT of `edgefed cloud-serve`)
+    adds the collaborative mode with the split k = split or the last exit layer.
+    """
+    backend = LocalBackend(model_dir, dtype, threads, exits=exits, cloud=cloud, split=split)
+    return Deployment.for_model(name or Path(model_dir).name, model_dir, backend, exit_layers=backend.exit_layers,
+                                exit_cloud=cloud is not None, **kw)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class Generation:
         self._started = False
         self._slot_since: float | None = None
         self._closed = False
+        self.exits: dict[str, int] = {}  # early exit: tokens by where they were answered ("edge@15", "cloud")
+        self.cloud, self.cloud_error = "none", ""
 
     async def _start(self) -> None:
         try:
@@ -139,6 +150,9 @@ class Generation:
             if isinstance(event, TokenEvent):
                 self._count_token()
                 self.token_ids.append(event.token_id)
+                if event.exit is not None:
+                    self.exits[event.exit.where] = self.exits.get(event.exit.where, 0) + 1
+                    self.cloud, self.cloud_error = event.exit.cloud, event.exit.cloud_error
                 text, stopped = self._stop.feed(self._detok.add(event.token_id))
                 if stopped:
                     return text, await self._finish("stop")
@@ -353,8 +367,24 @@ class _Service:
                            code="context_length_exceeded")
         new = min(max_tokens or room, room)
         greq = GenerationRequest(tuple(ids), new, req.temperature, req.top_p, req.seed, dep.stop_ids,
-                                 request_id=uuid.uuid4().hex[:12])
+                                 request_id=uuid.uuid4().hex[:12], early_exit=self.early_exit(dep, req))
         return Generation(dep, self.gate(dep), greq, req.stop, self.metrics, self.config)
+
+    def early_exit(self, dep: Deployment, req: CompletionRequest | ChatRequest) -> EarlyExitRequest | None:
+        ee = req.early_exit
+        if ee is None:
+            return None
+        if not dep.exit_layers:
+            raise ApiError(400, f"early_exit: model {dep.name!r} has no exit heads (deploy it with an exits file)",
+                           param="early_exit", code="unsupported_value")
+        if ee.mode == "collaborative":
+            if not dep.exit_cloud:
+                raise ApiError(400, f"early_exit.mode: model {dep.name!r} has no cloud tier; use standalone",
+                               param="early_exit.mode", code="unsupported_value")
+            if req.temperature != 0 and req.top_p != 0:
+                raise ApiError(400, "early_exit.mode: collaborative decodes greedily (the cloud answers with "
+                               "argmax): set temperature to 0", param="early_exit.mode", code="unsupported_value")
+        return EarlyExitRequest(ee.mode, ee.threshold, ee.criterion)
 
     async def respond(self, request: Request, run: Generation, req: CompletionRequest | ChatRequest,
                       chat: bool) -> Response:
@@ -384,7 +414,16 @@ class _Shape:
         self.created = int(time.time())
 
     def usage(self) -> dict:
-        return _usage(len(self.run.request.prompt_ids), len(self.run.token_ids))
+        usage = _usage(len(self.run.request.prompt_ids), len(self.run.token_ids))
+        ee = self.run.request.early_exit
+        if ee is not None:
+            per = dict(sorted(self.run.exits.items()))
+            usage["exits"] = {"mode": ee.mode, "per_exit": per, "cloud": per.get("cloud", 0),
+                              "edge": sum(n for k, n in per.items() if k != "cloud")}
+            usage["cloud"] = self.run.cloud
+            if self.run.cloud_error:
+                usage["cloud_error"] = self.run.cloud_error
+        return usage
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.run.dep.name}

@@ -52,6 +52,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class EarlyExit(BaseModel):
+    """The early_exit extension: where tokens may leave (a deployment with exit heads only)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+    mode: Literal["standalone", "collaborative", "off"] = "standalone"
+    threshold: float = Field(0.9, ge=0, le=1)
+    criterion: Literal["max_prob", "margin"] = "max_prob"
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
@@ -69,6 +78,7 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=0)
     user: str | None = None
     return_token_ids: bool = False  # an extension (as vLLM's): each choice or chunk also carries its token ids
+    early_exit: EarlyExit | None = None  # an extension: early exit and the cloud tier (usage then says where)
 
     @field_validator("stop")
     @classmethod

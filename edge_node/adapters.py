@@ -10,6 +10,9 @@ Single node: `load_adapted` merges W + scaling * B @ A into the float weights as
 Tensor parallel: `adapt_shards` merges each rank's slice of the delta into its shard files (what merging before
 sharding gives, without re-sharding), and writes a manifest for the adapted shards. `merge_checkpoint` writes a
 whole merged Hugging Face checkpoint (for any tool, or to shard afresh), one tensor at a time.
+
+Serving: a deployment with an adapter merged is named `BASE+TAG` (`adapted_name`), e.g. `demo+round-0002`, so
+the OpenAI API's `model` field chooses the tuned model or the base per request; `split_adapted_name` reads it back.
 """
 
 from __future__ import annotations
@@ -49,6 +52,42 @@ _UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out", "rank_pa
 
 class AdapterError(CheckpointError):
     """A LoRA adapter directory cannot be applied to this model."""
+
+
+ADAPTED_SEP = "+"  # deployment name = base name + ADAPTED_SEP + adapter tag
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def adapter_tag(adapter_dir: str | Path) -> str:
+    """The name an adapter goes by in a deployment name: its directory's name (a symlink such as a session's
+    OUT/latest is resolved to the round it points at, so the name says which round is served)."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise AdapterError(f"{d}: adapter directory not found")
+    tag = d.resolve().name if d.is_symlink() else d.name
+    if not _TAG.match(tag):
+        raise AdapterError(f"{d}: the directory name {tag!r} cannot tag a deployment (letters, digits, '.', '_' "
+                           "and '-', at most 64, starting with a letter or digit)")
+    return tag
+
+
+def adapted_name(base: str, adapter: str | Path) -> str:
+    """`base+tag`: the deployment name of `base` with an adapter (a directory, or a tag) merged in."""
+    tag = adapter if isinstance(adapter, str) and _TAG.match(adapter) else adapter_tag(adapter)
+    if not base or ADAPTED_SEP in base:
+        raise AdapterError(f"deployment name {base!r}: a base name must be non-empty and hold no {ADAPTED_SEP!r}")
+    return f"{base}{ADAPTED_SEP}{tag}"
+
+
+def split_adapted_name(name: str) -> tuple[str, str | None]:
+    """`demo+round-0002` -> ("demo", "round-0002"); `demo` -> ("demo", None)."""
+    base, sep, tag = name.partition(ADAPTED_SEP)
+    if not sep:
+        return name, None
+    if not base or not _TAG.match(tag):
+        raise AdapterError(f"deployment name {name!r}: expected BASE{ADAPTED_SEP}TAG with a tag of letters, digits, "
+                           "'.', '_' and '-'")
+    return base, tag
 
 
 def read_config(adapter_dir: Path) -> dict:

@@ -112,13 +112,15 @@ def generate_collaborative(model: Transformer, heads: ExitHeads | None, policy: 
                            transport: CloudTransport, spec: SessionSpec, prompt_ids: Sequence[int],
                            max_new_tokens: int, repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (),
                            push_every: int = 0, on_token: Callable[[int], None] | None = None,
-                           keep_session: bool = False) -> EarlyExitResult:
+                           keep_session: bool = False,
+                           on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None) -> EarlyExitResult:
     """Greedy generation with the edge on [0, split) and the cloud on [split, L).
 
     push_every > 0 uploads exited tokens' states in the background once that many wait (else they ride
     with the next cloud request). With policy OFF every token is answered by the cloud (the naive split).
     keep_session: at the end, catch up the edge's own deferred layers, upload every remaining state and
     leave the session open (a follow-up turn continues it without resending anything); else close it.
+    on_record(record, result so far) is called for each token before on_token(token).
     """
     cfg = model.config
     if not 0 < split < cfg.num_layers:
@@ -164,6 +166,8 @@ def generate_collaborative(model: Transformer, heads: ExitHeads | None, policy: 
         pos += len(ids)
         result.token_ids.append(token)
         history.append(token)
+        if on_record:
+            on_record(rec, result)
         if on_token:
             on_token(token)
         if token in eos:
@@ -305,14 +309,54 @@ class EarlyExitOptions:
         check_codec(self.codec)
 
 
+def exit_policy(heads: ExitHeads | None, opts: EarlyExitOptions) -> tuple[ExitPolicy, int | None]:
+    """(the policy, the split k) `opts` asks of `heads`: exits at or below k live, k = opts.split or the last head."""
+    from edge_node.early_exit import OFF
+
+    split = opts.split or (heads.layers[-1] if heads else None)
+    if heads is None:
+        return OFF, split
+    return ExitPolicy.uniform([i for i in heads.layers if split is None or i <= split], opts.threshold,
+                              opts.criterion), split
+
+
+def generate_early_exit(model: Transformer, heads: ExitHeads | None, opts: EarlyExitOptions,
+                        prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
+                        eos_ids: Sequence[int], model_digest: str = "",
+                        on_token: Callable[[int], None] | None = None,
+                        on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None) -> EarlyExitResult:
+    """One generation as `opts` asks, on a loaded model (its first layers at least: [0, k) collaborative,
+    [0, opts.split or L) standalone) and its heads; model_digest names the weights to the cloud tier."""
+    import uuid
+
+    from edge_node.early_exit import generate_standalone
+
+    policy, split = exit_policy(heads, opts)
+    if opts.mode == "standalone":
+        end = opts.split or model.config.num_layers
+        return generate_standalone(model, heads, policy, prompt_ids, max_new_tokens, sampling, eos_ids, end,
+                                   on_token, on_record)
+    if split is None:
+        raise UsageError("collaborative mode needs the split k: give --split or exit heads (--exits)")
+    if not sampling.greedy:
+        raise UsageError("collaborative mode decodes greedily (the cloud answers with argmax): drop the "
+                         "sampling flags")
+    spec = SessionSpec(uuid.uuid4().hex, model_digest, split, opts.codec, sampling.repetition_penalty)
+    transport = GrpcTransport(opts.cloud, opts.timeout_s)
+    try:
+        return generate_collaborative(model, heads, policy, split, transport, spec, prompt_ids, max_new_tokens,
+                                      sampling.repetition_penalty, eos_ids, on_token=on_token, on_record=on_record)
+    finally:
+        transport.shutdown()
+
+
 def run_early_exit(model_dir: str, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
                    eos_ids: Sequence[int], opts: EarlyExitOptions, dtype: torch.dtype = torch.float32,
                    on_token: Callable[[int], None] | None = None) -> dict:
     """Load the edge part and its exit heads, generate, and report where every token was answered."""
-    import uuid
     from pathlib import Path
 
-    from edge_node.early_exit import OFF, generate_standalone, load_exit_heads
+    from edge_node.early_exit import load_exit_heads
     from edge_node.model.config import ModelConfig
     from edge_node.model.formats import weights_digest
     from edge_node.model.load import load_model
@@ -321,29 +365,18 @@ def run_early_exit(model_dir: str, prompt_ids: Sequence[int], max_new_tokens: in
     heads = None
     if opts.exits is not None:
         heads = load_exit_heads(Path(model_dir) if opts.exits == "auto" else Path(opts.exits), cfg)
-    split = opts.split or (heads.layers[-1] if heads else None)
-    policy = OFF if heads is None else ExitPolicy.uniform([i for i in heads.layers if split is None or i <= split],
-                                                          opts.threshold, opts.criterion)
+    policy, split = exit_policy(heads, opts)
     t0 = time.perf_counter()
     if opts.mode == "standalone":
-        end = opts.split or cfg.num_layers
-        model = load_model(model_dir, dtype, end=end, head=True, pack=True)
-        result = generate_standalone(model, heads, policy, prompt_ids, max_new_tokens, sampling, eos_ids, end,
-                                     on_token)
+        model = load_model(model_dir, dtype, end=opts.split or cfg.num_layers, head=True, pack=True)
+        digest = ""
     else:
         if split is None:
             raise UsageError("collaborative mode needs the split k: give --split or exit heads (--exits)")
-        if not sampling.greedy:
-            raise UsageError("collaborative mode decodes greedily (the cloud answers with argmax): drop the "
-                             "sampling flags")
         model = load_model(model_dir, dtype, end=split, head=True, pack=True)
-        spec = SessionSpec(uuid.uuid4().hex, weights_digest(model_dir), split, opts.codec, sampling.repetition_penalty)
-        transport = GrpcTransport(opts.cloud, opts.timeout_s)
-        try:
-            result = generate_collaborative(model, heads, policy, split, transport, spec, prompt_ids, max_new_tokens,
-                                            sampling.repetition_penalty, eos_ids, on_token=on_token)
-        finally:
-            transport.shutdown()
+        digest = weights_digest(model_dir)
+    result = generate_early_exit(model, heads, opts, prompt_ids, max_new_tokens, sampling, eos_ids, digest,
+                                 on_token)
     ms = [r.edge_ms + r.cloud_ms for r in result.records]
     return {"token_ids": result.token_ids, "stop_reason": result.stop_reason, "exit_mode": result.mode,
             "exits": "off" if not policy.enabled else {"layers": list(policy.layers), "threshold": opts.threshold,

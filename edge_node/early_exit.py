@@ -322,6 +322,11 @@ class TokenRecord:
     up_bytes: int = 0
     round_trips: int = 0
 
+    @property
+    def key(self) -> str:
+        """Where it was answered, as usage() counts it: "edge@15", "edge-fallback@20" or "cloud"."""
+        return "cloud" if self.where == "cloud" else f"{self.where}@{self.exit_layer}"
+
 
 @dataclass
 class EarlyExitResult:
@@ -339,8 +344,7 @@ class EarlyExitResult:
         """Counts by where tokens were answered: {"edge@15": n, "cloud": m, ...}."""
         counts: dict[str, int] = {}
         for r in self.records:
-            key = "cloud" if r.where == "cloud" else f"{r.where}@{r.exit_layer}"
-            counts[key] = counts.get(key, 0) + 1
+            counts[r.key] = counts.get(r.key, 0) + 1
         return counts
 
 
@@ -411,10 +415,12 @@ def check_logits(logits: torch.Tensor, pos: int, done: int) -> None:
 def generate_standalone(model: Transformer, heads: ExitHeads | None, policy: ExitPolicy, prompt_ids: Sequence[int],
                         max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                         eos_ids: Sequence[int] = (), end: int | None = None,
-                        on_token: Callable[[int], None] | None = None) -> EarlyExitResult:
+                        on_token: Callable[[int], None] | None = None,
+                        on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None) -> EarlyExitResult:
     """Every token leaves at its first confident exit, else at layer `end`'s head (default: the whole model).
 
-    With policy OFF and end = L this runs exactly the full model's computation.
+    With policy OFF and end = L this runs exactly the full model's computation. on_record(record, result so far)
+    is called for each token before on_token(token).
     """
     cfg = model.config
     end = cfg.num_layers if end is None else end
@@ -425,13 +431,13 @@ def generate_standalone(model: Transformer, heads: ExitHeads | None, policy: Exi
     check_prompt(prompt_ids, cfg.max_position_embeddings, cfg.vocab_size)
     stepper = EdgeStepper(model, heads, policy, end)
     sampler, eos = Sampler(sampling), set(eos_ids)
-    out: list[int] = []
-    records: list[TokenRecord] = []
-    ids, pos, history, reason = list(prompt_ids), 0, list(prompt_ids), "length"
+    result = EarlyExitResult([], [], "length", "standalone", extras={"stepper": stepper})
+    out, records = result.token_ids, result.records
+    ids, pos, history = list(prompt_ids), 0, list(prompt_ids)
     clock = StepClock()
     while len(out) < max_new_tokens:
         if pos + len(ids) > cfg.max_position_embeddings:
-            reason = "context"
+            result.stop_reason = "context"
             break
         layer, h, logits = stepper.step(ids, pos)
         if layer is None:
@@ -442,11 +448,13 @@ def generate_standalone(model: Transformer, heads: ExitHeads | None, policy: Exi
         pos += len(ids)
         out.append(token)
         history.append(token)
+        if on_record:
+            on_record(records[-1], result)
         if on_token:
             on_token(token)
         if token in eos:
-            reason = "eos"
+            result.stop_reason = "eos"
             break
         ids = [token]
-    return EarlyExitResult(out, records, reason, "standalone", edge_layer_evals=stepper.stack.layer_evals,
-                           extras={"stepper": stepper})
+    result.edge_layer_evals = stepper.stack.layer_evals
+    return result

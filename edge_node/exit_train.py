@@ -29,10 +29,12 @@ class ExitTrainConfig:
     adapter: bool = True
     ridge: float = 1e-2  # relative ridge of the closed-form adapter start (0: no closed-form start)
     seed: int = 0
+    weight_decay: float = 0.0  # decoupled (AdamW) decay of the adapter only: towards the identity map
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch <= 0 or self.lr <= 0 or self.ridge < 0:
-            raise UsageError(f"exit training needs steps >= 0, batch > 0, lr > 0, ridge >= 0, got {self}")
+        if self.steps < 0 or self.batch <= 0 or self.lr <= 0 or self.ridge < 0 or self.weight_decay < 0:
+            raise UsageError(f"exit training needs steps >= 0, batch > 0, lr > 0, ridge >= 0, weight_decay >= 0, "
+                             f"got {self}")
 
 
 @dataclass
@@ -104,8 +106,10 @@ def train_exit_heads(model: Transformer, cache: HiddenCache, cfg: ExitTrainConfi
         for i in layers:
             _ridge_start(heads.heads[str(i)], cache.at[i], cache.final, cfg.ridge)
     gen = torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in heads.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    adapter = [p for n, p in heads.named_parameters() if "adapter" in n]
+    rest = [p for n, p in heads.named_parameters() if "adapter" not in n]
+    opt = torch.optim.AdamW([{"params": adapter, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
     loss_value = float("nan")
     for step in range(cfg.steps):
         idx = torch.randint(0, cache.rows, (min(cfg.batch, cache.rows),), generator=gen)
@@ -120,7 +124,8 @@ def train_exit_heads(model: Transformer, cache: HiddenCache, cfg: ExitTrainConfi
             on_step(step, loss_value)
     heads.requires_grad_(False)
     heads.meta = {"trained": {"rows": cache.rows, "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr,
-                              "ridge": cfg.ridge, "adapter": cfg.adapter, "final_kl": loss_value}}
+                              "ridge": cfg.ridge, "adapter": cfg.adapter, "weight_decay": cfg.weight_decay,
+                              "final_kl": loss_value}}
     return heads
 
 

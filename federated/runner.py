@@ -2,7 +2,8 @@
 `flwr run` of edgefed's app. No Ray: each SuperNode runs its ClientApp in a subprocess.
 
 The seam for the device agent (and the coordinator): `start_superlink` / `start_supernode` take addresses and
-directories and return a `Proc` the caller supervises (`alive`, `stop`); `submit_run` starts a session on a
+directories and return a `Proc` the caller supervises (`alive`, `stop`); `supernode_spec` gives the same SuperNode
+as an edge_node.supervisor.ChildSpec, for the agent's Supervisor to run; `submit_run` starts a session on a
 SuperLink and waits for it. Each process leads its own process group, so stopping it also ends the ServerApp /
 ClientApp children it spawned. `LocalFederation` puts them together on loopback for tests and `edgefed fl`.
 """
@@ -22,6 +23,7 @@ import psutil
 import tomli_w
 
 from edge_node.model.errors import EdgefedError
+from edge_node.supervisor import ChildSpec
 
 from .strategy import SUMMARY, SessionConfig
 
@@ -104,12 +106,18 @@ def _start(name: str, argv: list[str], log: Path, env: dict[str, str]) -> Proc:
     return Proc(name, popen, log)
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
+def flower_env_extra(flwr_home: Path) -> dict[str, str]:
+    """What a Flower process needs on top of the caller's environment (a supervisor's ChildSpec.env)."""
     bin_dir = str(Path(sys.executable).parent)  # Flower starts flower-superexec, flwr-clientapp ... by name
-    env = dict(os.environ, FLWR_HOME=str(flwr_home), PYTHONUNBUFFERED="1",
-               PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # several torch processes share the cores
-    return env
+    extra = {"FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
+             "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    if "OMP_WAIT_POLICY" not in os.environ:
+        extra["OMP_WAIT_POLICY"] = "PASSIVE"  # several torch processes share the cores
+    return extra
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    return {**os.environ, **flower_env_extra(flwr_home)}
 
 
 def wait_listening(address: str, proc: Proc, timeout_s: float) -> None:
@@ -144,11 +152,23 @@ def start_supernode(superlink: str, address: str, node_config: dict, work_dir: s
     """A SuperNode connecting to `superlink`, its ClientApp API on `address`, its device in `node_config`
     (name, data, model, quant, memory-mb, slowdown, threads: federated.task.ClientSettings). It gives up when the
     SuperLink stays unreachable for `max_wait_s`."""
+    spec = supernode_spec(superlink, address, node_config, work_dir, name, max_wait_s)
+    return _start(f"SuperNode {name}", list(spec.argv), Path(work_dir) / f"supernode-{name}.log",
+                  {**os.environ, **spec.env})
+
+
+def supernode_spec(superlink: str, address: str, node_config: dict, work_dir: str | Path, name: str,
+                   max_wait_s: float = 120.0) -> ChildSpec:
+    """The same SuperNode as a ChildSpec for the device agent's generic supervisor (edge_node.supervisor): argv,
+    the environment it adds (FLWR_HOME under `work_dir`, Flower's console scripts on PATH), cwd and log directory
+    `work_dir`. Supervisor.stop's SIGTERM to the child's group also ends the SuperExec and ClientApp processes
+    the SuperNode spawned (they stay in its group)."""
     work = Path(work_dir)
     host, port = address.rsplit(":", 1)
-    argv = [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", host, "--port", port,
-            "--max-wait-time", str(max_wait_s), "--node-config", str(write_node_config(work, name, node_config))]
-    return _start(f"SuperNode {name}", argv, work / f"supernode-{name}.log", flower_env(work / "flwr-home"))
+    argv = (_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", host, "--port", port,
+            "--max-wait-time", str(max_wait_s), "--node-config", str(write_node_config(work, name, node_config)))
+    return ChildSpec(f"supernode/{name}", argv, env=flower_env_extra(work / "flwr-home"), cwd=str(work),
+                     log_dir=str(work))
 
 
 def write_node_config(work: Path, name: str, values: dict) -> Path:

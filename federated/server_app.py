@@ -16,4 +16,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    run_session(grid, SessionConfig.from_run_config(dict(context.run_config)))
+    run_session(grid, SessionConfig.from_run_config(dict(context.run_config)), context)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
@@ -56,8 +56,11 @@ class SessionConfig:
     staleness_decay: float = 0.5  # weight of an update k rounds late: (1 + k) ^ -decay
     wait_nodes_s: float = 60.0
     evaluate: bool = True  # ask every client for held-out perplexity of the final adapter
+    eval_rounds: bool = False  # also after every round (its time kept out of the round's seconds)
+    target_ppl: float = 0.0  # > 0 (with eval_rounds): stop after the first round whose mean perplexity is <= it
     dp_clip: float = 0.0  # > 0: central DP, clients clip their update to this L2 norm (Flower's fixedclipping_mod)
     dp_noise: float = 0.0  # noise multiplier: the server adds N(0, (noise x clip / clients)^2) to the aggregate
+    secagg: bool = False  # Flower's SecAgg+ (federated.secagg): the server sees only the sum of masked updates
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -66,6 +69,11 @@ class SessionConfig:
             raise UsageError(f"schedule must be one of {', '.join(compass.SCHEDULES)}, got {self.schedule!r}")
         if (self.dp_clip > 0 or self.dp_noise > 0) and (self.rule != "fedavg" or self.dp_clip <= 0):
             raise UsageError("differential privacy needs rule fedavg (clients send every tensor) and dp-clip > 0")
+        if self.secagg and (self.rule != "fedavg" or self.schedule != "sync" or self.dp_clip > 0):
+            raise UsageError("secagg needs rule fedavg and schedule sync, without dp (Flower's SecAgg+ workflow "
+                             "aggregates one synchronous FedAvg round; see federated/secagg.py)")
+        if self.target_ppl > 0 and not self.eval_rounds:
+            raise UsageError("target-ppl needs eval-rounds (the perplexity is measured after every round)")
         if self.rounds < 1 or self.min_clients < 1 or self.rank < 1 or self.steps < 1:
             raise UsageError("rounds, min-clients, rank and steps must be at least 1")
 
@@ -191,6 +199,25 @@ def run_round(grid: Grid, cfg: SessionConfig, s: SessionState, rnd: int) -> dict
             "bytes_down": models.nbytes(s.state) * len(nodes), "bytes_up": sum(c["bytes-up"] for c in clients)}
 
 
+def run_round_secagg(grid: Grid, context: Context, cfg: SessionConfig, s: SessionState, rnd: int) -> dict:
+    """A synchronous FedAvg round through Flower's SecAgg+ (federated.secagg); the same record as run_round."""
+    from .secagg import secagg_round
+
+    t0 = time.monotonic()
+    nodes = sorted(grid.get_node_ids())
+    orders = _orders(cfg, rnd, cfg.steps, cfg.rank).to_config()
+    new, results = secagg_round(grid, context, s.state, rnd, orders, len(nodes), cfg.deadline_s)
+    clients = [{"name": str(met.pop("name", node)), "node": node, "sent_in_round": rnd, **met}
+               for node, _, met in results]
+    rejected = [] if new is not None else [{"client": "(aggregate)", "reason": "SecAgg+ halted or refused"}]
+    if new is not None:
+        s.state = new
+    return {"round": rnd, "seconds": round(time.monotonic() - t0, 3), "deadline_s": cfg.deadline_s, "secagg": True,
+            "clients": clients, "errors": [], "rejected": rejected,
+            "missing_nodes": sorted(set(nodes) - {c["node"] for c in clients}),
+            "bytes_down": models.nbytes(s.state) * len(nodes), "bytes_up": sum(c["bytes-up"] for c in clients)}
+
+
 def add_noise(state: dict[str, torch.Tensor], noise: float, clip: float, clients: int, seed: int
               ) -> dict[str, torch.Tensor]:
     """The aggregate plus Gaussian noise of Flower's standard deviation for client-side fixed clipping."""
@@ -199,8 +226,10 @@ def add_noise(state: dict[str, torch.Tensor], noise: float, clip: float, clients
     return {n: t + torch.randn(t.shape, generator=g) * std for n, t in state.items()}
 
 
-def evaluate_all(grid: Grid, cfg: SessionConfig, s: SessionState, timeout_s: float) -> dict[str, float]:
-    nodes = sorted(grid.get_node_ids())
+def evaluate_all(grid: Grid, cfg: SessionConfig, s: SessionState, timeout_s: float,
+                 nodes: list[int] | None = None) -> dict[str, float]:
+    """Held-out perplexity of the global adapter on every node in `nodes` (default: all connected), by name."""
+    nodes = sorted(grid.get_node_ids()) if nodes is None else nodes
     arrays = ArrayRecord({n: t.contiguous() for n, t in s.state.items()})
     orders = _orders(cfg, cfg.rounds, cfg.steps, cfg.rank)
     msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(orders.to_config())}), dst_node_id=n,
@@ -212,7 +241,19 @@ def evaluate_all(grid: Grid, cfg: SessionConfig, s: SessionState, timeout_s: flo
     return out
 
 
-def run_session(grid: Grid, cfg: SessionConfig) -> dict:
+def _evaluate_round(grid: Grid, cfg: SessionConfig, s: SessionState) -> dict:
+    """The global adapter's held-out perplexity on every idle node after a round; "mean_ppl" only when every
+    connected node answered (a node still training a late update is not asked, and the mean is None)."""
+    t0 = time.monotonic()
+    busy = {p.node for p in s.pending.values()}
+    nodes = sorted(grid.get_node_ids())
+    ppl = evaluate_all(grid, cfg, s, cfg.deadline_s, [n for n in nodes if n not in busy])
+    complete = len(ppl) == len(nodes)
+    return {"ppl_after": ppl, "mean_ppl": sum(ppl.values()) / len(ppl) if complete and ppl else None,
+            "eval_s": round(time.monotonic() - t0, 3)}
+
+
+def run_session(grid: Grid, cfg: SessionConfig, context: Context | None = None) -> dict:
     """The whole session (resuming after the last finished round in cfg.out); returns and writes its summary."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,16 +269,30 @@ def run_session(grid: Grid, cfg: SessionConfig) -> dict:
     s = SessionState(state, history=history)
     wait_for_nodes(grid, cfg.min_clients, cfg.wait_nodes_s)
     full_bytes = params(cfg.model) * 4  # the float32 model a full-model round would send each way
+    done = start
     for rnd in range(start + 1, cfg.rounds + 1):
-        record = run_round(grid, cfg, s, rnd)
+        if cfg.secagg:
+            if context is None:
+                raise UsageError("secagg needs the ServerApp's context (run_session(grid, cfg, context))")
+            record = run_round_secagg(grid, context, cfg, s, rnd)
+        else:
+            record = run_round(grid, cfg, s, rnd)
         record["full_model_bytes"] = full_bytes
+        record["wall_s"] = round(sum(h["seconds"] for h in s.history) + record["seconds"], 3)  # training rounds only
+        if cfg.eval_rounds:
+            record.update(_evaluate_round(grid, cfg, s))
         s.history.append(record)
+        done = rnd
         checkpoint.save_round(out, rnd, s.state, cfg.rank, list(models.TARGETS), digest, cfg.model,
                               {"history": s.history})
         log.info("round %d done in %.1f s: %d update(s), %d rejected, missing %s", rnd, record["seconds"],
                  len(record["clients"]), len(record["rejected"]), record["missing_nodes"])
-    summary = {"resumed_after": start, "rounds": cfg.rounds, "history": s.history, "config": cfg.to_run_config(),
-               "adapter": str(checkpoint.round_dir(out, cfg.rounds))}
+        mean = record.get("mean_ppl")
+        if cfg.target_ppl > 0 and mean is not None and mean <= cfg.target_ppl:
+            log.info("round %d reached the target perplexity %.3f (%.3f)", rnd, cfg.target_ppl, mean)
+            break
+    summary = {"resumed_after": start, "rounds": cfg.rounds, "rounds_done": done, "history": s.history,
+               "config": cfg.to_run_config(), "adapter": str(checkpoint.round_dir(out, done))}
     if cfg.evaluate:
         summary["ppl_after"] = evaluate_all(grid, cfg, s, cfg.deadline_s)
     (out / SUMMARY).write_text(json.dumps(summary, indent=1))

@@ -59,6 +59,11 @@ def add_parser(sub) -> None:
                    help="central DP: clients clip their update to this L2 norm (Flower's fixedclipping_mod)")
     s.add_argument("--dp-noise", type=non_negative_float, default=0.0,
                    help="central DP noise multiplier: the server adds N(0, (noise x clip / clients)^2)")
+    s.add_argument("--secagg", action="store_true",
+                   help="Flower's SecAgg+: the server sees only the sum of masked updates (fedavg, sync, no DP)")
+    s.add_argument("--eval-rounds", action="store_true", help="held-out perplexity after every round too")
+    s.add_argument("--target-ppl", type=non_negative_float, default=0.0,
+                   help="with --eval-rounds: stop after the first round whose mean perplexity is at or below it")
     s.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds the whole session may take")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run)
@@ -116,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
                             min_clients=args.clients, rule=args.rule, schedule=args.schedule, rank=args.rank,
                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                             train_blocks=args.train_blocks, eval_blocks=args.eval_blocks, deadline_s=args.deadline,
-                            dp_clip=args.dp_clip, dp_noise=args.dp_noise)
+                            dp_clip=args.dp_clip, dp_noise=args.dp_noise, secagg=args.secagg,
+                            eval_rounds=args.eval_rounds, target_ppl=args.target_ppl)
     t0 = time.perf_counter()
     with LocalFederation(work, nodes) as fed:
         summary = fed.run(session, args.timeout)

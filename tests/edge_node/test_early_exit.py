@@ -122,3 +122,23 @@ def test_exit_heads_round_trip_and_refuse_the_wrong_model(model, tmp_path, llama
     path.write_text(json.dumps({**doc, "layers": [9]}))
     with pytest.raises(UsageError, match="exit layers"):
         load_exit_heads(path, model.config)
+
+
+def test_weight_decay_pulls_the_adapters_towards_identity_and_zero_is_plain_adam(model):
+    from edge_node.exit_train import ExitTrainConfig, collect_hidden, train_exit_heads
+
+    cache = collect_hidden(model, [PROMPT * 4, PROMPT[::-1] * 4], EXITS)
+
+    def train(wd):
+        return train_exit_heads(model, cache, ExitTrainConfig(EXITS, steps=20, batch=16, lr=1e-2, ridge=0.0,
+                                                              weight_decay=wd))
+
+    plain, again, decayed = train(0.0), train(0.0), train(20.0)
+    for e in EXITS:
+        a, b, d = (h.heads[str(e)] for h in (plain, again, decayed))
+        assert torch.equal(a.adapter_w, b.adapter_w)  # deterministic for a seed
+        assert float(d.adapter_w.norm()) < 0.9 * float(a.adapter_w.norm())  # A -> 0: the identity map
+        assert float(d.norm.norm()) > 0.5 * float(a.norm.norm())  # the norms are not decayed (0.8^20 if they were)
+    assert decayed.meta["trained"]["weight_decay"] == 20.0
+    with pytest.raises(UsageError, match="weight_decay"):
+        ExitTrainConfig(EXITS, weight_decay=-1.0)

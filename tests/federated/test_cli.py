@@ -10,6 +10,8 @@ from edgefed.cli import main
     (["--slowdown", "nobody=4"], "--slowdown names unknown client(s) nobody"),
     (["--slowdown", "json=0.5"], "--slowdown factor must be >= 1"),
     (["--rule", "ffa", "--dp-clip", "1"], "differential privacy needs rule fedavg"),
+    (["--secagg", "--schedule", "compass"], "secagg needs rule fedavg and schedule sync"),
+    (["--target-ppl", "50"], "target"),
 ])
 def test_bad_flags_are_named_errors(args, message, tmp_path, capsys):
     try:

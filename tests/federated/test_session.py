@@ -1,7 +1,8 @@
 """A real federated session on loopback: a SuperLink and two SuperNodes (Flower processes, no Ray), the demo
 model, one non-IID standard-library partition per client. Two rounds lower every client's held-out perplexity;
 the SuperLink restarts after round 1 and the session resumes from the checkpoint; only adapters travel; the
-final adapter serves on the edge runtime."""
+final adapter serves on the edge runtime. A third round runs under Flower's SecAgg+ (secaggplus_mod + its
+SecAggPlusWorkflow): the server gets only the unmasked sum, which equals FedAvg of the clients' updates."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from emulation.corpus import partitions
 from federated import checkpoint
 from federated.data import write_client_data
 from federated.runner import LocalFederation
-from federated.strategy import SessionConfig
-from federated.task import ClientSettings, Orders, client_evaluate
+from federated.strategy import SessionConfig, _orders
+from federated.task import ClientSettings, Orders, client_evaluate, client_train
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "edgefed-demo"
 
@@ -34,6 +35,8 @@ def test_two_rounds_lower_every_clients_perplexity_and_resume_after_a_superlink_
         s1 = fed.run(first, timeout_s=600)
         fed.restart_superlink()  # the coordinator restarts: round 1 is kept, round 2 continues from it
         s2 = fed.run(dataclasses.replace(first, rounds=2), timeout_s=600)
+        third = dataclasses.replace(first, rounds=3, secagg=True)
+        s3 = fed.run(third, timeout_s=600)
     assert all(not p.alive() for p in fed.procs)
     assert s1["resumed_after"] == 0 and s2["resumed_after"] == 1
     rounds = s2["history"]
@@ -50,3 +53,17 @@ def test_two_rounds_lower_every_clients_perplexity_and_resume_after_a_superlink_
     assert all(h["bytes_up"] < h["full_model_bytes"] / 20 for h in rounds)  # adapters only
     model = load_adapted(DEMO, s2["adapter"])  # PEFT format, checked against the base it was trained on
     assert model.config.num_layers == 6
+
+    # round 3 under SecAgg+: both clients took part, and the unmasked aggregate is FedAvg of their updates
+    # (each retrained here with the same seeded orders; SecAgg+ quantizes values to 16 / 2^22 steps)
+    r3 = s3["history"][-1]
+    assert s3["resumed_after"] == 2 and r3["secagg"] and not r3["rejected"] and not r3["missing_nodes"]
+    assert {c["name"] for c in r3["clients"]} == {"json", "email"}
+    g3, _ = checkpoint.load_round(first.out, 3)
+    ups = [client_train(ClientSettings.from_config(n), _orders(third, 3, third.steps, third.rank), final)
+           for n in nodes]
+    total = sum(m["num-examples"] for _, m in ups)
+    for name in final:
+        want = sum(t[name] * m["num-examples"] for t, m in ups) / total
+        assert (g3[name] - want).abs().max().item() < 1e-4, name
+    assert max((g3[n] - final[n]).abs().max().item() for n in final) > 1e-3  # the round really moved the adapter

@@ -176,3 +176,31 @@ def test_compass_folds_a_late_update_into_the_next_round_with_a_staleness_weight
     state, _ = checkpoint.load_round(tmp_path, 2)
     for n, t in state.items():
         torch.testing.assert_close(t, (1 - w) * (g1[n] + 0.25) + w * (init[n] + 0.25))
+
+
+def test_per_round_evaluation_stops_the_session_at_the_target_perplexity(llama_dir, tmp_path):
+    grid = FakeGrid({1: "good", 2: "slow"})  # every node evaluates to perplexity 1.0
+    summary = run_session(grid, session(llama_dir, tmp_path / "a", rounds=3, eval_rounds=True, target_ppl=1.5,
+                                        evaluate=False))
+    assert summary["rounds_done"] == 1 and len(summary["history"]) == 1
+    rec = summary["history"][0]
+    assert rec["ppl_after"] == {"good": 1.0, "slow": 1.0} and rec["mean_ppl"] == 1.0
+    assert rec["wall_s"] == rec["seconds"] and summary["adapter"].endswith("round-0001")
+    summary = run_session(FakeGrid({1: "good"}), session(llama_dir, tmp_path / "b", rounds=3, eval_rounds=True,
+                                                         target_ppl=0.5, evaluate=False))
+    assert summary["rounds_done"] == 3  # never reached: every round runs
+    walls = [h["wall_s"] for h in summary["history"]]
+    assert walls == sorted(walls) and walls[-1] >= sum(h["seconds"] for h in summary["history"]) - 1e-3
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"target_ppl": 2.0}, "target-ppl needs eval-rounds"),
+    ({"secagg": True, "schedule": "compass"}, "secagg needs rule fedavg and schedule sync"),
+    ({"secagg": True, "rule": "hetlora"}, "secagg needs rule fedavg and schedule sync"),
+    ({"secagg": True, "dp_clip": 1.0}, "secagg needs rule fedavg and schedule sync"),
+])
+def test_session_options_that_cannot_combine_are_named_errors(llama_dir, tmp_path, kw, message):
+    from edge_node.model.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        session(llama_dir, tmp_path, **kw)

@@ -42,6 +42,7 @@ class DeployRequest:
     weights: str = "float32"
     dtype: str | None = None  # compute dtype (None: the shards')
     threads: int | None = None
+    exclude: tuple[str, ...] = ()  # nodes placement must not use (re-planning: alive by state, silent of late)
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -99,7 +100,7 @@ def deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Cha
 def _deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Changes | None,
             clock: Callable[[], float]) -> DeploymentRecord:
     cfg = ModelConfig.from_dir(req.model)
-    nodes = state.list_nodes()
+    nodes = [n for n in state.list_nodes() if n.node_id not in req.exclude]
     want: int | Sequence[str] | None = req.nodes
     plan = place([node_facts(n) for n in nodes], ModelFacts(cfg, req.weights), want)
     dep_id = DeploymentId(f"d-{secrets.token_hex(4)}")

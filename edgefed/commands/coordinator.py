@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.recovery import Recovery
+    from coordinator.recovery import Recovery, RecoveryPolicy
     from coordinator.security import SecretStore
     from coordinator.server import NodeServicer, Periodic, ServerConfig, start_server
     from coordinator.state import SqliteState
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     server, port = start_server(servicer, args.listen, creds)
     loops = [Periodic(servicer.check_liveness, min(1.0, args.heartbeat / 2), "liveness")]
     if not args.no_replan:
-        loops.append(Periodic(Recovery(state, args.state, servicer.changes).step, 1.0, "re-planning"))
+        recovery = Recovery(state, args.state, servicer.changes, RecoveryPolicy(fresh_s=2 * args.heartbeat))
+        loops.append(Periodic(recovery.step, 1.0, "re-planning"))
     log.info("node service on port %d, state in %s", port, args.state)
     print(f"listening {args.listen.rpartition(':')[0]}:{port}", flush=True)
     stop = threading.Event()

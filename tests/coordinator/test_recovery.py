@@ -108,3 +108,25 @@ def test_a_request_to_a_broken_deployment_gets_a_clear_error_within_a_bound(dep,
     with pytest.raises(BackendError, match=r"deployment d-1 .*") as e:
         asyncio.run(_drain(_backend(dep, **kw)))
     assert words in str(e.value) and time.monotonic() - t0 < bound
+
+
+def test_a_re_plan_leaves_out_nodes_alive_by_state_but_silent_of_late(fleet_state, tmp_path, llama_dir):
+    """A node that died is declared lost only after lost_after_s; its peers' crash comes first. The re-plan
+    made in between must not land on it: nodes not heard from within fresh_s are excluded."""
+    state = fleet_state
+    first = deploy(state, tmp_path / "state", DeployRequest(str(llama_dir), 2))
+    _break(state, first.deployment_id)
+    now = time.time()
+    for name in ("a", "b"):  # a and b heartbeat; c went silent 30 s ago but is not yet marked lost ...
+        state.heartbeat(name, None, now)
+    # ... and c is the node placement would pick first: the most free memory, the fastest
+    state.register_node("c", DeviceFacts(2, 16 * GiB, 14 * GiB, 50 * GiB, ("CPUExecutionProvider",), 40.0),
+                        "127.0.0.1", now=now - 30)
+    recovery = Recovery(state, tmp_path / "state", Changes(), RecoveryPolicy(fresh_s=5.0), clock=lambda: now)
+    [(old, new)] = recovery.step()
+    assert {a.node_id for a in state.assignments(new)} == {"a", "b"}
+    # with every node silent the deployment waits (not given up) until they are heard from or lost
+    _break(state, new)
+    later = now + 60
+    recovery.clock = lambda: later
+    assert recovery.step() == [] and new not in recovery.given_up

@@ -9,7 +9,7 @@ checkpoint's config and safetensors size/mtime, and by the llama-cpp-python vers
 - GGUF f32 and Q8_0 from llama.cpp's own convert_hf_to_gguf.py (vendored in the llama-cpp-python sdist:
   the sdist is downloaded once with pip into --llama-src and the converter unpacked there; or --converter),
   Q4_0 from the f32 GGUF with llama.cpp's quantizer (llama_cpp.llama_model_quantize);
-- edgefed int8 and int4 directories from `edgefed quantize`.
+- edgefed int8 (one scale per row), int8 g32 (groups of 32) and int4 directories from `edgefed quantize`.
 
 Timed runs are interleaved: every round runs each engine once, each in a fresh subprocess (so peak RSS is
 that engine's own), in an order rotated by one each round. Each run loads the model, warms up (4 tokens
@@ -51,6 +51,7 @@ ENGINES: dict[str, tuple[str, str]] = {
     "edgefed float32": ("edgefed", "float32"),
     "edgefed bfloat16": ("edgefed", "bfloat16"),
     "edgefed int8": ("edgefed", "int8"),
+    "edgefed int8 g32": ("edgefed", "int8-g32"),
     "edgefed int4": ("edgefed", "int4"),
     "llama.cpp f32": ("llama", "f32"),
     "llama.cpp Q8_0": ("llama", "q8_0"),
@@ -58,7 +59,8 @@ ENGINES: dict[str, tuple[str, str]] = {
     "transformers float32": ("transformers", "float32"),
 }
 REFERENCE = "edgefed float32"
-RATIOS = [("edgefed int8", "llama.cpp Q8_0"), ("edgefed int4", "llama.cpp Q4_0"), ("edgefed float32", "llama.cpp f32"),
+RATIOS = [("edgefed int8", "llama.cpp Q8_0"), ("edgefed int8 g32", "llama.cpp Q8_0"),
+          ("edgefed int4", "llama.cpp Q4_0"), ("edgefed float32", "llama.cpp f32"),
           ("edgefed float32", "transformers float32")]
 WARMUP_PROMPT, WARMUP_NEW = 16, 4
 
@@ -131,20 +133,26 @@ def gguf_files(model_dir: Path, out_dir: Path, converter: Path, threads: int) ->
     return files
 
 
+# what -> `edgefed quantize` flags (the defaults, and int8 with groups of 32)
+QUANTIZED = {"int8": ["--weights", "int8"], "int8-g32": ["--weights", "int8", "--group-size", "32"],
+             "int4": ["--weights", "int4"]}
+
+
 def edgefed_quantized(model_dir: Path, out_dir: Path) -> dict[str, Path]:
-    dirs = {w: out_dir / w for w in ("int8", "int4")}
+    dirs = {w: out_dir / w for w in QUANTIZED}
     edgefed = Path(sys.executable).parent / "edgefed"
     cmd0 = [str(edgefed)] if edgefed.is_file() else [sys.executable, "-m", "edgefed"]
-    from quant.format import DEFAULT_GROUP_SIZE
+    from quant.format import DEFAULT_GROUP_SIZE, DEFAULT_INT8_GROUP_SIZE
 
-    for weights, d in dirs.items():
-        stamp = d / f".done-g{DEFAULT_GROUP_SIZE}"  # copies made with another default are made again
+    for what, d in dirs.items():
+        # copies made with other defaults are made again
+        stamp = d / f".done-g{DEFAULT_GROUP_SIZE}-i8g{DEFAULT_INT8_GROUP_SIZE}"
         if stamp.is_file():
             continue
-        print(f"edgefed quantize --weights {weights} -> {d}", file=sys.stderr)
+        print(f"edgefed quantize {' '.join(QUANTIZED[what])} -> {d}", file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_logged(cmd0 + ["quantize", "--model", str(model_dir), "--weights", weights, "--out", str(d), "--force"],
-                   out_dir / f"quantize-{weights}.log")
+        run_logged(cmd0 + ["quantize", "--model", str(model_dir), *QUANTIZED[what], "--out", str(d), "--force"],
+                   out_dir / f"quantize-{what}.log")
         stamp.touch()
     return dirs
 
@@ -423,12 +431,13 @@ def main() -> None:
     if any(ENGINES[e][0] == "llama" for e in engines):
         converter = find_converter(a.converter, Path(a.llama_src).expanduser())
         paths |= gguf_files(model_dir, key_dir / f"gguf-{versions()['llama-cpp-python']}", converter, a.threads)
-    if any(ENGINES[e][1] in ("int8", "int4") for e in engines):
+    if any(ENGINES[e][1] in QUANTIZED for e in engines):
         paths |= edgefed_quantized(model_dir, key_dir / "edgefed")
     data = held_out_tokens(model_dir, a.prompt_len, a.eval_windows, a.eval_len)
     prep_s = time.time() - wall0
 
     # timed rounds
+    load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     loads: list[tuple[float, float, float]] = []
     for r in range(a.rounds):
@@ -436,7 +445,7 @@ def main() -> None:
         for name in order:
             engine, what = ENGINES[name]
             spec = {"kind": engine, "path": str(paths[what]), "threads": a.threads, "prompt": data["prompt"],
-                    "new": a.new, "dtype": "float32" if what in ("int8", "int4") else what, "n_ctx": n_ctx}
+                    "new": a.new, "dtype": "float32" if what in QUANTIZED else what, "n_ctx": n_ctx}
             res = worker(spec, worker_env(engine, a.threads, a.llama_wait_policy))
             res["round"] = r
             runs[name].append(res)
@@ -446,7 +455,7 @@ def main() -> None:
         loads.append(os.getloadavg())
 
     # quality (untimed)
-    ef_variants = [(n, str(paths[ENGINES[n][1]]), "float32" if ENGINES[n][1] in ("int8", "int4") else ENGINES[n][1])
+    ef_variants = [(n, str(paths[ENGINES[n][1]]), "float32" if ENGINES[n][1] in QUANTIZED else ENGINES[n][1])
                    for n in engines if ENGINES[n][0] == "edgefed"]
     quality = worker({"kind": "edgefed-quality", "variants": ef_variants, "windows": data["windows"],
                       "threads": a.threads}, worker_env("edgefed", a.threads))
@@ -512,7 +521,8 @@ def main() -> None:
                  f"({', '.join(data['window_files'])}): {n_scored} positions")
     for w, info in gguf_info.items():
         lines.append(f"- GGUF {w}: {info['embedding_head']}; tensor types {info['types']}")
-    lines.append(f"- load average after each round: {', '.join(f'{x[0]:.2f}' for x in loads)}")
+    lines.append(f"- load average (1 min) before the rounds {load_before[0]:.2f}, after each round: "
+                 f"{', '.join(f'{x[0]:.2f}' for x in loads)} (2 cores: above ~2, other processes shared them)")
     if noisy:
         lines.append(f"- NOISY: decode tok/s varied by more than 25% of the median across rounds for {noisy}")
     print("\n".join(lines))
@@ -524,7 +534,7 @@ def main() -> None:
         "model": str(model_dir), "threads": a.threads, "rounds": a.rounds, "prompt_len": a.prompt_len, "new": a.new,
         "prompt_file": data["prompt_file"], "prompt_ids": data["prompt"], "window_files": data["window_files"],
         "eval_positions": n_scored, "paths": {k: str(v) for k, v in paths.items()}, "gguf": gguf_info,
-        "rows": rows, "ratios": ratios, "noisy": noisy, "loadavg_after_rounds": loads,
+        "rows": rows, "ratios": ratios, "noisy": noisy, "loadavg_before": load_before, "loadavg_after_rounds": loads,
         "omp_wait_policy": {"edgefed": worker_env("edgefed", a.threads).get("OMP_WAIT_POLICY"),
                             "transformers": worker_env("transformers", a.threads).get("OMP_WAIT_POLICY"),
                             "llama.cpp": worker_env("llama", a.threads, a.llama_wait_policy).get("OMP_WAIT_POLICY")},

@@ -26,7 +26,7 @@ from edge_node.model.model import Linear, RMSNorm, Transformer
 
 from .format import QuantConfig, TensorDtypeError, expected_tensors
 from .int4 import Int4Linear, dequantize_groups
-from .int8 import dequantize_rows, make_linear
+from .int8 import Int8GroupLinear, dequantize_groups8, dequantize_rows, make_linear
 
 _SUFFIXES = {"weight_scale": "scale", "weight_zero": "zero"}  # on disk (HF form) -> runtime form ("wqkv.scale")
 
@@ -57,8 +57,11 @@ def validate_quantized(ckpt: Checkpoint, cfg: ModelConfig, q: QuantConfig) -> No
 
 def make_quantized(weight: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None) -> nn.Module:
-    """Int4Linear for codes with scales and zeros, Int8Linear for an int8 weight with scales, else the float Linear."""
-    return make_linear(weight, scale, bias) if zero is None else Int4Linear(weight, scale, zero, bias)
+    """Int4Linear for codes with scales and zeros, Int8GroupLinear for an int8 weight with group scales and zeros,
+    Int8Linear for an int8 weight with row scales, else the float Linear."""
+    if zero is None:
+        return make_linear(weight, scale, bias)
+    return (Int8GroupLinear if weight.dtype == torch.int8 else Int4Linear)(weight, scale, zero, bias)
 
 
 def quantized_linear(spec: LinearSpec, t: dict[str, torch.Tensor | None]) -> nn.Module:
@@ -159,7 +162,7 @@ class FloatSource:
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
     if zero is None:
         return dequantize_rows(codes, scale)
-    return dequantize_groups(codes, scale, zero)
+    return (dequantize_groups8 if codes.dtype == torch.int8 else dequantize_groups)(codes, scale, zero)
 
 
 __all__ = ["FloatSource", "load_any", "load_quantized", "make_quantized", "quantized_linear", "validate_quantized"]

@@ -3,12 +3,16 @@
 config.json is the source's plus
     "quantization_config": {"quant_method": "edgefed", "weights": "int8" | "int4", "group_size": G, "format": 1,
                             "lm_head": "float" | "int8" | "int4"}
-(G = -1 for int8: one scale per output row, as GPTQ spells per-channel). model.safetensors keeps the
-Hugging Face names. Every linear the layout table lets quantize (edge_node.model.layout.LINEARS, per
-Hugging Face module), and the head where lm_head says so (int4 only in an int4 checkpoint, with its G), is
-stored as
-    int8: <module>.weight      I8  (out, in)       w ~= weight * weight_scale[:, None]
-          <module>.weight_scale F32 (out,)
+(int8: G = -1 for one scale per output row, as GPTQ spells per-channel, or a group size; int4: a group size).
+model.safetensors keeps the Hugging Face names. Every linear the layout table lets quantize
+(edge_node.model.layout.LINEARS, per Hugging Face module), and the head where lm_head says so (int4 only in an
+int4 checkpoint, with its G; an int8 head has the int8 checkpoint's G, and one scale per row in an int4
+checkpoint), is stored as
+    int8, G = -1: <module>.weight       I8   (out, in)      w ~= weight * weight_scale[:, None]
+                  <module>.weight_scale F32  (out,)
+    int8, G > 0:  <module>.weight       I8   (out, in)      w ~= weight * weight_scale + weight_zero, per group
+                  <module>.weight_scale BF16 (out, in / G)  of G input columns (asymmetric: the group's [min, max])
+                  <module>.weight_zero  BF16 (out, in / G)
     int4: <module>.weight       U8   (out, in / 2)  codes q in [0, 15], column 2j in the low nibble of byte j
           <module>.weight_scale BF16 (out, in / G)  w ~= (q - 8) * weight_scale + weight_zero, per group of G
           <module>.weight_zero  BF16 (out, in / G)  input columns (bfloat16: what torch's int4 kernel computes with)
@@ -42,6 +46,10 @@ WEIGHTS = ("int8", "int4")
 # 32, as llama.cpp's Q4_0/Q4_1: on SmolLM2-135M-Instruct (from a Q4_1 file) top-1 agreement with float is 97.1%
 # at 32 against 79% at 64 (its weights sit on a group-32 grid), at the same decode speed (26.1 vs 26.2 ms/token)
 DEFAULT_GROUP_SIZE = 32
+# int8: one scale per row (-1) by default, for speed. --group-size 32 follows a group-wise source grid: on
+# SmolLM2-135M-Instruct (weights from a Q4_1 file) top-1 agreement with float is 98.9% against 96.4% per row, but
+# its kernel (int4 pairs, quant/int8.py) runs the block linears 1.4-1.8x slower at one token (benchmarks/README.md)
+DEFAULT_INT8_GROUP_SIZE = -1
 HEAD = "lm_head.weight"
 HEADS = ("float", "int8", "int4")
 DEFAULT_HEAD = {"int8": "float", "int4": "int8"}  # measured: see the module docstring
@@ -62,7 +70,7 @@ class TensorDtypeError(CheckpointError):
 @dataclass(frozen=True)
 class QuantConfig:
     weights: str  # "int8" | "int4"
-    group_size: int = -1  # int4: input columns per scale; int8: -1 (per output row)
+    group_size: int = -1  # input columns per scale (and zero); int8 also -1: one scale per output row
     lm_head: str = "float"  # "float" | "int8" | "int4" (int4 only with int4 weights)
 
     @classmethod
@@ -74,10 +82,11 @@ class QuantConfig:
         if lm_head not in HEADS or (lm_head == "int4" and weights != "int4"):
             raise QuantizeError(f"--lm-head must be float, int8 or (with --weights int4) int4, got {lm_head!r}")
         if weights == "int8":
-            if group_size not in (None, -1):
-                raise QuantizeError(f"--group-size is for int4 only (int8 has one scale per output row), "
-                                    f"got {group_size}")
-            return cls("int8", -1, lm_head)
+            group_size = DEFAULT_INT8_GROUP_SIZE if group_size is None else group_size
+            if group_size != -1 and group_size not in GROUP_SIZES:
+                raise QuantizeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} or -1 (one "
+                                    f"scale per output row) for int8, got {group_size}")
+            return cls("int8", group_size, lm_head)
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if group_size not in GROUP_SIZES:
             raise QuantizeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} for int4, "
@@ -91,6 +100,11 @@ class QuantConfig:
     def mode(self, name: str) -> str:
         """How the float weight `name` is stored: "int8", "int4" or "float"."""
         return self.lm_head if name == HEAD else self.weights
+
+    def group(self, name: str) -> int:
+        """Input columns per scale of the quantized weight `name` (-1: one scale per row): an int8 head in an int4
+        checkpoint keeps one scale per row."""
+        return self.group_size if self.mode(name) == self.weights else -1
 
     @classmethod
     def from_config(cls, raw: dict, source: str) -> QuantConfig | None:
@@ -108,8 +122,8 @@ class QuantConfig:
         weights, group = q.get("weights"), q.get("group_size")
         if weights not in WEIGHTS:
             raise QuantConfigError(f"{where}: weights {weights!r}, expected one of {', '.join(WEIGHTS)}")
-        if (weights == "int8" and group != -1) or (weights == "int4" and group not in GROUP_SIZES):
-            want = "-1" if weights == "int8" else " or ".join(map(str, GROUP_SIZES))
+        if group not in GROUP_SIZES and not (weights == "int8" and group == -1):
+            want = " or ".join(map(str, GROUP_SIZES if weights == "int4" else (-1, *GROUP_SIZES)))
             raise QuantConfigError(f"{where}: group_size {group!r} for {weights}, expected {want}")
         head = q.get("lm_head", "float")
         if head not in HEADS or (head == "int4" and weights != "int4"):
@@ -125,11 +139,11 @@ class QuantConfig:
         """The tensors (name -> (shape, safetensors dtype)) storing the float weight `name` of `shape`."""
         rows, cols = shape
         base = name.removesuffix(".weight")
-        if self.mode(name) == "int8":
+        if self.mode(name) == "int8" and self.group(name) == -1:
             return {name: ((rows, cols), "I8"), f"{base}.weight_scale": ((rows,), "F32")}
-        groups = (rows, cols // self.group_size)
-        return {name: ((rows, cols // 2), "U8"), f"{base}.weight_scale": (groups, "BF16"),
-                f"{base}.weight_zero": (groups, "BF16")}
+        groups = (rows, cols // self.group(name))
+        codes = ((rows, cols), "I8") if self.mode(name) == "int8" else ((rows, cols // 2), "U8")
+        return {name: codes, f"{base}.weight_scale": (groups, "BF16"), f"{base}.weight_zero": (groups, "BF16")}
 
 
 def quantized_weights(cfg: ModelConfig, q: QuantConfig) -> dict[str, tuple[int, int]]:
@@ -144,13 +158,16 @@ def quantized_weights(cfg: ModelConfig, q: QuantConfig) -> dict[str, tuple[int, 
 
 def check_group_size(cfg: ModelConfig, q: QuantConfig) -> None:
     """Refuse a group size that does not divide some weight's in_features, naming the first such weight."""
-    if q.weights != "int4":
+    if q.group_size == -1:
         return
-    weights = {n: s for n, s in quantized_weights(cfg, q).items() if q.mode(n) == "int4"}
+    weights = {n: s for n, s in quantized_weights(cfg, q).items() if q.group(n) != -1}
     for name, (_, cols) in weights.items():
         if cols % q.group_size:
             fits = [g for g in GROUP_SIZES if all(c % g == 0 for _, c in weights.values())]
-            hint = f"use --group-size {' or '.join(map(str, fits))}" if fits else "no int4 group size fits this model"
+            if q.weights == "int8":
+                fits.append(-1)
+            hint = (f"use --group-size {' or '.join(map(str, fits))}" if fits
+                    else f"no {q.weights} group size fits this model")
             raise QuantizeError(f"group size {q.group_size} does not divide in_features {cols} of tensor "
                                 f"{name!r}: {hint}")
 

@@ -138,9 +138,13 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B*S, in): the kernel takes 2-D activations
         if self.use_kernel:
-            xb = x2.to(torch.bfloat16).contiguous()
+            xb = x2.to(torch.bfloat16)
+            if not xb.is_contiguous():  # a decode step's activations are: no extra op per linear
+                xb = xb.contiguous()
             y = torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group_size, self.scales_and_zeros)
-            y = y[:, : self.out_features].to(x.dtype)
+            if y.shape[1] != self.out_features:  # rows padded to the kernel's multiple of 16
+                y = y[:, : self.out_features]
+            y = y.to(x.dtype)
         else:
             y = F.linear(x2, dequantize_groups(self.codes, self.scales, self.zeros, x.dtype))
         if self.bias is not None:

@@ -20,7 +20,7 @@ from edge_node.model.load import validate
 
 from .format import HEAD, QuantConfig, QuantizeError, check_group_size, expected_tensors, quantized_weights
 from .int4 import quantize_groups
-from .int8 import quantize_rows
+from .int8 import quantize_groups8, quantize_rows
 
 COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -68,7 +68,10 @@ def _entries(ckpt: Checkpoint, cfg: ModelConfig, q: QuantConfig) -> list:
         if name not in last:
             last.clear()  # one weight's result at a time
             w = read(sources[name])
-            last[name] = quantize_rows(w) if q.mode(name) == "int8" else quantize_groups(w, q.group_size)
+            if q.mode(name) == "int4":
+                last[name] = quantize_groups(w, q.group_size)
+            else:
+                last[name] = quantize_rows(w) if q.group(name) == -1 else quantize_groups8(w, q.group(name))
         return last[name]
 
     entries = []

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .rope import RotaryTable, apply_rotary
+from .rope import RotaryTable
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,6 +66,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op: the reference's math in float32
         # Normalise in float32 (as the reference does), scale in the compute dtype.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
@@ -81,33 +83,48 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv, pos0: int, mask: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
-        d = self.head_dim
-        q, k, v = self.wqkv(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = q.view(b, s, self.heads, d).transpose(1, 2)  # (B, H, S, D)
-        k = k.view(b, s, self.kv_heads, d).transpose(1, 2)  # (B, Hkv, S, D)
-        v = v.view(b, s, self.kv_heads, d).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        d, h, hkv = self.head_dim, self.heads, self.kv_heads
+        qkv = self.wqkv(x)  # (B, S, (H + 2 Hkv) D)
+        # q and k lie side by side in the fused output: one rotation turns both (cos/sin broadcast over heads)
+        qk = _rotate(qkv[..., : (h + hkv) * d].view(b, s, h + hkv, d), cos, sin)  # (B, S, H + Hkv, D)
+        k = qk[:, :, h:].transpose(1, 2)  # (B, Hkv, S, D)
+        v = qkv[..., (h + hkv) * d:].view(b, s, hkv, d).transpose(1, 2)
         k, v = kv.update(pos0, k, v)  # (B, Hkv, T, D), T = pos0 + S
         if s == 1 and mask is None:
-            y = _one_query_attention(q, k, v)
+            y = _one_query_attention(qk[:, 0, :h], k, v)  # (B, 1, H*D)
         else:
             causal = mask is None and s > 1
+            q = qk[:, :, :h].transpose(1, 2)  # (B, H, S, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(b, s, self.heads * d))  # (B, S, H*D) -> (B, S, hidden)
+            y = y.transpose(1, 2).reshape(b, s, h * d)  # (B, S, H*D)
+        return self.wo(y)  # (B, S, hidden)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, S, heads, D) with RotaryTable.signed rows cos, sin (S, 1, D): rotate-half(x) is
+    x rolled by D/2 with its first half negated, and that sign is already in `sin`."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin)
+
+
+_NO_INPUT = torch.zeros(())  # baddbmm's ignored input (beta=0)
 
 
 def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Decode attention for one query over every cached key, as two small matmuls.
+    """Decode attention for one query (B, H, D) over every cached key (B, Hkv, T, D) -> (B, 1, H*D).
 
     SDPA's flash kernel costs ~0.13 ms a call for one query; grouping the query heads by their
     KV head (instead of repeating K/V) keeps this a pair of batched GEMVs over the cache.
     """
-    b, h, _, d = q.shape
-    hkv = k.shape[1]
-    qg = q.reshape(b, hkv, h // hkv, d)  # (B, Hkv, g, D): the g query heads sharing a KV head
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * d**-0.5  # (B, Hkv, g, T)
-    y = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)  # (B, Hkv, g, D)
-    return y.reshape(b, h, 1, d)
+    b, h, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    qg = q.reshape(b * hkv, h // hkv, d)  # (B*Hkv, g, D): the g query heads sharing a KV head
+    kt = k.reshape(b * hkv, t, d).transpose(1, 2)  # (B*Hkv, D, T), a view of the cache
+    scores = torch.baddbmm(_NO_INPUT.to(q.dtype), qg, kt, beta=0, alpha=d**-0.5)  # (B*Hkv, g, T)
+    if scores.dtype == torch.float32:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.bmm(probs, v.reshape(b * hkv, t, d)).view(b, 1, h * d)  # (B*Hkv, g, D) = (B, 1, H*D)
 
 
 class NoAttention(nn.Module):
@@ -158,13 +175,13 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tor
 def attention_masks(pos0: int, s: int, windows: Iterable[int | None]) -> dict[int | None, torch.Tensor | None]:
     """Boolean masks (S, T) by sliding window (None = full causal); None where SDPA's own causal flag fits."""
     t = pos0 + s
-    q_pos = torch.arange(pos0, t).unsqueeze(1)  # (S, 1)
-    k_pos = torch.arange(t).unsqueeze(0)  # (1, T)
     masks: dict[int | None, torch.Tensor | None] = {}
     for w in set(windows):
         if w is None and (s == 1 or pos0 == 0):
             masks[w] = None  # decode sees everything; a fresh prefill is plain causal
             continue
+        q_pos = torch.arange(pos0, t).unsqueeze(1)  # (S, 1)
+        k_pos = torch.arange(t).unsqueeze(0)  # (1, T)
         masks[w] = visible(q_pos, k_pos, w)
     return masks
 
@@ -186,6 +203,8 @@ class Transformer(nn.Module):
         self.head_tied = (embed is not None and isinstance(lm_head, torch.Tensor)
                           and lm_head.data_ptr() == embed.data_ptr())
         self.rotary = RotaryTable(config, dtype)
+        self._cos = self._sin = torch.empty(0, 1, config.head_dim, dtype=dtype)  # see _signed_rotary
+        self._windows = frozenset(config.window_for_layer(i) for i in range(config.num_layers))
 
     def pack(self) -> Transformer:
         """Pack every Linear for oneDNN (see Linear.pack); the model math is unchanged."""
@@ -221,14 +240,24 @@ class Transformer(nn.Module):
                    reduce: Reduce = _identity) -> torch.Tensor:
         """Run `blocks` in order over hidden states h (B, S, hidden) at positions [pos0, pos0+S)."""
         s = h.shape[1]
-        cos, sin = self.rotary.at(pos0, s)
-        masks = attention_masks(pos0, s, {w for w in self.config_windows()})
+        cos, sin = self._signed_rotary(pos0, s)
+        masks = attention_masks(pos0, s, self._windows)
         for block in blocks:
             h = block(h, cos, sin, cache, pos0, masks, reduce)
         return h
 
+    def _signed_rotary(self, pos0: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) rows (S, 1, D) for _rotate, sin's first half negated; kept for the table's whole length, so
+        a decode step only slices."""
+        if pos0 + s > self._cos.shape[0]:
+            self.rotary.at(0, pos0 + s)  # grows the table to at least pos0 + s rows
+            cos, sin = self.rotary.cos, self.rotary.sin
+            half = cos.shape[1] // 2
+            self._cos, self._sin = cos.unsqueeze(1), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).unsqueeze(1)
+        return self._cos[pos0: pos0 + s], self._sin[pos0: pos0 + s]
+
     def config_windows(self) -> set[int | None]:
-        return {self.config.window_for_layer(i) for i in range(self.config.num_layers)}
+        return set(self._windows)
 
     def forward_range(self, h: torch.Tensor, cache: KVCache, pos0: int, start: int, end: int,
                       reduce: Reduce = _identity) -> torch.Tensor:

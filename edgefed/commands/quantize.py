@@ -13,8 +13,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="offline weight-only int8 / int4 quantization of a checkpoint")
     p.add_argument("--model", required=True, help="Hugging Face model directory (float weights)")
     p.add_argument("--weights", required=True, metavar="int8|int4",
-                   help="int8: one scale per output row; int4: group-wise along the input, with --group-size")
-    p.add_argument("--group-size", type=int, metavar="32|64|128|256", help="int4 input columns per scale (default 32)")
+                   help="int8: one scale per output row, or per group of input columns with --group-size; "
+                        "int4: group-wise along the input")
+    p.add_argument("--group-size", type=int, metavar="32|64|128|256",
+                   help="input columns per scale (int4 default 32; int8 default -1: one scale per row)")
     p.add_argument("--lm-head", metavar="float|int8|int4",
                    help="the head's weights (default: float for int8, int8 for int4); int4 decodes fastest")
     p.add_argument("--out", required=True, help="output directory")

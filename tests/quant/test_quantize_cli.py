@@ -47,7 +47,11 @@ def quantize(model: Path, out: Path, *flags: str) -> list[str]:
     (["--weights", "int4", "--group-size", "64"],
      "group size 64 does not divide in_features 160 of tensor 'model.layers.0.mlp.down_proj.weight'"),
     (["--weights", "int4", "--group-size", "48"], "--group-size must be one of 32, 64, 128, 256"),
-    (["--weights", "int8", "--group-size", "32"], "--group-size is for int4 only"),
+    (["--weights", "int8", "--group-size", "48"], "--group-size must be one of 32, 64, 128, 256 or -1 (one scale per "
+                                                  "output row) for int8, got 48"),
+    (["--weights", "int8", "--group-size", "64"],
+     "group size 64 does not divide in_features 160 of tensor 'model.layers.0.mlp.down_proj.weight': use "
+     "--group-size 32 or -1"),
     (["--weights", "int8", "--lm-head", "int4"], "--lm-head must be float, int8 or (with --weights int4) int4"),
 ])
 def test_bad_quantize_flags_are_named(model, tmp_path, capsys, flags, message):

@@ -20,13 +20,14 @@ from edge_node.model.layout import LINEARS
 from quant.checkpoint import load_any, load_quantized
 from quant.format import QuantConfig
 from quant.int4 import Int4Linear, dequantize_groups
-from quant.int8 import Int8Linear, dequantize_rows
+from quant.int8 import Int8GroupLinear, Int8Linear, dequantize_groups8, dequantize_rows
 from quant.quantize import quantize_checkpoint
 from tests.parity import prompts, realistic_checkpoint
 from tests.quant.conftest import dequantized_copy, logits, rel_rms
 
-# (weights, group size, head); TINY's intermediate_size 160 takes int4 groups of 32 only
-MODES = [("int8", None, "float"), ("int8", None, "int8"), ("int4", 32, "float"), ("int4", 32, "int4")]
+# (weights, group size, head); TINY's intermediate_size 160 takes groups of 32 only (int8's default: one scale per row)
+MODES = [("int8", None, "float"), ("int8", None, "int8"), ("int8", 32, "float"), ("int8", 32, "int8"),
+         ("int4", 32, "float"), ("int4", 32, "int4"), ("int4", 32, "int8")]
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -78,20 +79,22 @@ def test_int8_logits_stay_close_to_float(source, tmp_path):
     assert rel_rms(got, ref) < 0.1  # measured 0.06: int8's ~0.5% weight error, amplified by this model
 
 
-@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int8", 32), ("int4", 32)])
 def test_fused_linears_hold_their_parts_scales_in_layout_order(source, tmp_path, weights, group):
     quantize_checkpoint(source, tmp_path / "q", weights, group)
     block = load_quantized(tmp_path / "q").blocks["0"]
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         def part(module: str) -> torch.Tensor:
             base = f"model.layers.0.{module}.weight"
-            if weights == "int8":
+            if weights == "int8" and group is None:
                 return dequantize_rows(f.get_tensor(base), f.get_tensor(base + "_scale"))
-            return dequantize_groups(f.get_tensor(base), f.get_tensor(base + "_scale"), f.get_tensor(base + "_zero"))
+            dequantize = dequantize_groups8 if weights == "int8" else dequantize_groups
+            return dequantize(f.get_tensor(base), f.get_tensor(base + "_scale"), f.get_tensor(base + "_zero"))
 
+        kind = {("int8", None): Int8Linear, ("int8", 32): Int8GroupLinear, ("int4", 32): Int4Linear}[weights, group]
         for spec in LINEARS:
             linear = getattr(block.attn if spec.owner == "attn" else block.mlp, spec.name)
-            assert isinstance(linear, Int8Linear if weights == "int8" else Int4Linear)
+            assert isinstance(linear, kind)
             assert torch.equal(linear.weight, torch.cat([part(p.module) for p in spec.parts]))
 
 
@@ -100,7 +103,7 @@ def test_load_any_loads_a_float_checkpoint_as_load_model_does(source):
     assert QuantConfig.from_dir(source) is None
 
 
-def test_int8_shards_of_an_int8_checkpoint_equal_those_of_its_float_source(source, tmp_path):
+def test_int8_shards_of_a_per_row_int8_checkpoint_equal_those_of_its_float_source(source, tmp_path):
     """One node: per-row requantization of dequantized int8 rows gives back the same codes and scales. With
     more nodes, o_proj's and down_proj's rows are cut by columns and each piece gets its own scale: the
     stored codes are then rounded a second time, onto another grid, and the shards differ slightly."""
@@ -108,7 +111,7 @@ def test_int8_shards_of_an_int8_checkpoint_equal_those_of_its_float_source(sourc
 
     from edge_node.shard import write_shards
 
-    quantize_checkpoint(source, tmp_path / "q", "int8", lm_head="int8")
+    quantize_checkpoint(source, tmp_path / "q", "int8", -1, lm_head="int8")
     direct = write_shards(source, tmp_path / "a", 1, weights="int8")
     via_q = write_shards(tmp_path / "q", tmp_path / "b", 1, weights="int8")
     assert [f["path"] for f in direct["files"]] == [f["path"] for f in via_q["files"]]
@@ -133,7 +136,7 @@ def test_shards_of_an_int4_checkpoint_run_its_dequantized_weights(source, tmp_pa
     assert (got - ref).abs().max() <= 1e-4 * ref.std()
 
 
-@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int8", 32), ("int4", 32)])
 def test_biases_stay_float_beside_quantized_weights(tmp_path, weights, group):
     realistic_checkpoint(tmp_path / "f", arch="qwen2")  # q/k/v biases
     quantize_checkpoint(tmp_path / "f", tmp_path / "q", weights, group)

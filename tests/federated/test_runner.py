@@ -15,7 +15,10 @@ from federated.runner import free_port, start_superlink, supernode_spec
 
 
 def registered(db, node_id: int) -> bool:
-    """Whether the SuperLink's state (Flower's SQLite database) lists the node online."""
+    """Whether the SuperLink's state (Flower's SQLite database) lists the node online. Node ids are unsigned 64-bit;
+    Flower stores them as the signed 64-bit integer with the same bits (SQLite has no unsigned type)."""
+    if node_id >= 1 << 63:
+        node_id -= 1 << 64
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
         return bool(c.execute("select 1 from node where node_id = ? and status = 'online'", (node_id,)).fetchall())
 

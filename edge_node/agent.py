@@ -37,6 +37,7 @@ from edge_node import control
 from edge_node.control import NODE_ID_KEY, NODE_SECRET_KEY, Assignment, AssignmentSet, FileRef, Registration, Report
 from edge_node.model.checksum import sha256_file  # torch-free, as the agent must be
 from edge_node.model.errors import EdgefedError
+from edge_node.ports import free_port
 from edge_node.rpc import node_pb2 as pb
 from edge_node.rpc import node_pb2_grpc
 from edge_node.supervisor import ChildExit, ChildSpec, Supervisor
@@ -374,7 +375,7 @@ class Agent:
         ready.unlink(missing_ok=True)
         master, chosen = a.master, ""
         if not master:  # rank 0: the rendezvous is on this host, on a port free here
-            master = chosen = f"{self.config.advertise_host}:{free_port()}"
+            master = chosen = f"{self.config.advertise_host}:{free_port('')}"
         argv = [*self.config.rank_command, "--run-config", str(cfg_path), "--rank", str(a.rank),
                 "--master", master, "--ready-file", str(ready)]
         if a.rank == 0:  # port 0: the rank binds a free one and writes it to its ready file
@@ -458,13 +459,6 @@ class Agent:
                     raise FetchError(f"{f.path}: chunk at offset {chunk.offset} does not continue at {offset}")
                 out.write(chunk.data)
                 offset += len(chunk.data)
-
-
-def free_port() -> int:
-    """A TCP port free on every interface of this host now (the rank binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def local_run_config(run_config_json: str, shards: str) -> str:

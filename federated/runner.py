@@ -23,6 +23,7 @@ import psutil
 import tomli_w
 
 from edge_node.model.errors import EdgefedError
+from edge_node.ports import free_port
 from edge_node.supervisor import ChildSpec
 
 from .strategy import SUMMARY, SessionConfig
@@ -32,12 +33,6 @@ APP_NAME = "edgefed-lora"
 
 class FederationError(EdgefedError):
     """A Flower process did not start, or a session did not finish."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:

@@ -14,13 +14,13 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from edge_node.ports import free_port
 from edgefed.args import (
     add_generation_args,
     add_prefill_args,
@@ -58,12 +58,6 @@ def add_parser(sub) -> None:
     add_generation_args(p, model_required=False, prompt_required=False)  # a prompt or --run-config
     add_prefill_args(p)  # rank 0 prefills on ONNX Runtime from graphs exported ahead (--graph-dir)
     p.set_defaults(run=run)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_from_args(args: argparse.Namespace):

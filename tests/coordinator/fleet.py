@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from coordinator.state import SqliteState
+from edge_node.ports import free_port
 
 FAKE_RANK = Path(__file__).with_name("fake_rank.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(pred, timeout: float, what: str, step: float = 0.05):

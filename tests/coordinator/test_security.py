@@ -353,8 +353,9 @@ def test_fleet_over_mtls_admits_only_enrolled_nodes_with_the_fleets_certificates
     certificate of the fleet and a valid token enrolls; one with another CA's certificate (and a valid token)
     never gets past the handshake. (A wrong token: test_fleet_processes, the same code path over TLS.)"""
     from coordinator.state import SqliteState
+    from edge_node.ports import free_port
     from edge_node.probe import SPEED_CACHE, speed_gflops
-    from tests.coordinator.fleet import Procs, free_port, wait_until
+    from tests.coordinator.fleet import Procs, wait_until
 
     d, other, state = tmp_path / "tls", tmp_path / "other", tmp_path / "state"
     security.init_ca(d)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edge_node.collectives import Comm, CommError
-from edgefed.commands.tp_generate import free_port
+from edge_node.ports import free_port
 
 
 def _member(rank: int, world: int, master: str, mode: str, results, leave_early: bool) -> None:

@@ -16,9 +16,9 @@ import torch
 from edge_node.collectives import Comm
 from edge_node.engine import run_rank
 from edge_node.model import SamplingConfig, generate, load_model
+from edge_node.ports import free_port
 from edge_node.run_config import RunConfig
 from edge_node.shard import write_shards
-from edgefed.commands.tp_generate import free_port
 from tests.parity import NEW, check_run, prompts, realistic_checkpoint, scale_cached_keys_beyond_12
 
 CASES = {

@@ -17,9 +17,9 @@ import pytest
 
 from edge_node.inference_client import FinalEvent, GenerateParams, InferenceClient, InferenceError
 from edge_node.model import SamplingConfig, generate, load_model
+from edge_node.ports import free_port
 from edge_node.run_config import RunConfig
 from edge_node.shard import write_shards
-from edgefed.commands.tp_generate import free_port
 from tests.checkpoints import make_checkpoint
 
 START_S = 120  # every rank loaded and joined (two interpreters importing torch on 2 shared cores)

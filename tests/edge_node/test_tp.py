@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from edge_node.model import generate, load_model
+from edge_node.ports import free_port
 from edge_node.shard import write_shards
-from edgefed.commands.tp_generate import free_port
 from tests.checkpoints import copy_model, make_checkpoint
 
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 11]

@@ -10,8 +10,9 @@ import time
 import psutil
 import pytest
 
+from edge_node.ports import free_port
 from edge_node.supervisor import Supervisor
-from federated.runner import free_port, start_superlink, supernode_spec
+from federated.runner import start_superlink, supernode_spec
 
 
 def registered(db, node_id: int) -> bool:

@@ -23,9 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edge_node.model import layout
 from edge_node.model.config import ModelConfig
 from edge_node.model.errors import EdgefedError
+from edge_node.model.kv_cache import kv_bytes_per_token
 from edge_node.shard import WEIGHTS, RankSlice, make_plan
 
 MiB = 2**20
@@ -76,15 +79,15 @@ class ModelFacts:
         return 2 if self.weights == "bfloat16" else 4
 
     @property
-    def kv_element_bytes(self) -> int:
+    def kv_dtype(self) -> torch.dtype:
         """The KV cache is kept in the compute dtype: bfloat16 shards compute in bfloat16, others in float32."""
-        return 2 if self.weights == "bfloat16" else 4
+        return torch.bfloat16 if self.weights == "bfloat16" else torch.float32
 
     def kv_bytes_per_token(self, kv_heads: int | None = None) -> int:
         """Bytes one token adds to the cache of `kv_heads` heads (all heads by default) over every layer."""
         c = self.config
         heads = c.num_key_value_heads if kv_heads is None else kv_heads
-        return 2 * c.num_layers * heads * c.head_dim * self.kv_element_bytes
+        return kv_bytes_per_token(heads, c.head_dim, c.num_layers, self.kv_dtype)
 
     def layer_bytes(self, s: RankSlice | None = None) -> int:
         """One layer's shard file for slice `s` (the whole layer by default)."""

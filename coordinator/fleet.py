@@ -239,6 +239,7 @@ class FleetDeployments(Mapping[str, Deployment]):
 
 
 _RECORDED = ("/v1/completions", "/v1/chat/completions")
+_STREAM_END = b"data: [DONE]"  # the API's last event of a stream (coordinator.api)
 _BODY_PEEK = 64 * 1024  # request bytes kept to read the model name from; response bytes kept for the error
 
 
@@ -270,18 +271,26 @@ class RequestRecorder:
                 seen["gone"] = True
             return message
 
+        held: list[dict] = []
+
         async def send_(message: dict) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-            elif message["type"] == "http.response.body":
+                held.append(message)  # a client reads the status from the headers alone (urllib does):
+                return  # they go out with the first body part, after the record has its ending
+            if message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
                 if chunk.startswith(b'data: {"error"') and not seen["stream_error"]:
                     seen["stream_error"] = _error_message(chunk[6:])
                 if seen["status"] != 200 and len(out) < _BODY_PEEK:
                     out.extend(chunk[:_BODY_PEEK - len(out)])
-                if not message.get("more_body", False) and not seen["gone"]:
-                    seen["complete"] = True  # recorded before the client has the answer: a crash right after
-                    self._finish(rec, seen, bytes(body), bytes(out))  # it cannot lose the record's ending
+                ends = not message.get("more_body", False) or chunk.startswith(_STREAM_END)
+                if ends and not seen["gone"]:
+                    seen["complete"] = True  # recorded before the client has the answer (a stream's [DONE]
+                    self._finish(rec, seen, bytes(body), bytes(out))  # included): a crash or a test reading
+                    # the state right after cannot see it unfinished
+            while held:
+                await send(held.pop(0))
             await send(message)
 
         token = _REQUEST.set(rec)

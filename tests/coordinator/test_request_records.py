@@ -2,6 +2,7 @@
 cancelled), filled in by the fleet backend where it ran, and the records outlive a coordinator restart."""
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -104,4 +105,42 @@ def test_an_error_inside_a_stream_fails_the_record(tmp_path):
     [rec] = state.list_requests()
     assert (rec.status, rec.http_status, rec.deployment_id) == ("failed", 200, "d-1")
     assert "rank 1 on node b crashed" in rec.error and rec.completion_tokens >= 1
+    state.close()
+
+
+def test_the_record_has_its_ending_before_the_client_can_read_the_answer(tmp_path):
+    """A client may act on the status line alone (urllib raises on a 404 before any body) or on a stream's
+    [DONE]: the record must be finished before either goes out, not a moment later."""
+    state = SqliteState(tmp_path)
+    state.add_deployment(DeploymentRecord("d-1", str(DEMO), "float32", 2, "h:1", "running", time.time()), [])
+    app = _app(state)
+    seen: list[tuple[str, list[str]]] = []
+
+    async def drive(body: dict) -> None:
+        data = json.dumps(body).encode()
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+                 "headers": [(b"content-type", b"application/json"),
+                             *((k.lower().encode(), v.encode()) for k, v in auth(USER_KEY).items())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "asgi": {"version": "3.0"}}
+        asked = asyncio.Event()
+
+        async def receive() -> dict:
+            if not asked.is_set():
+                asked.set()
+                return {"type": "http.request", "body": data, "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(message: dict) -> None:
+            what = "start" if message["type"] == "http.response.start" else \
+                ("done" if message.get("body", b"").startswith(b"data: [DONE]") else "")
+            if what:
+                seen.append((what, [r.status for r in state.list_requests()]))
+
+        await app(scope, receive, send)
+
+    ok = {"model": "edgefed-demo", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+    asyncio.run(drive({**ok, "model": "no-such-model"}))
+    asyncio.run(drive({**ok, "stream": True}))
+    assert seen == [("start", ["failed"]), ("start", ["failed", "running"]), ("done", ["failed", "done"])]
     state.close()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -100,3 +100,32 @@ class ApiMetrics:
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+CLOUD_GAUGES = {"sessions": "Open cloud sessions", "memory_used_bytes": "KV and queued hidden states held",
+                "memory_allocated_bytes": "KV capacity and queued hidden states allocated",
+                "memory_bound_bytes": "The bound on KV and queued states, all sessions",
+                "queued_tokens": "Hidden states of edge-exited tokens waiting for their deep KV"}
+
+
+class _CloudCollector(Collector):
+    """The cloud tier's figures (coordinator.cloud.CloudContextManager.metrics), read at scrape time."""
+
+    def __init__(self, read: Callable[[], Mapping[str, float]]):
+        self.read = read
+
+    def collect(self):
+        values = self.read()
+        for name, value in sorted(values.items()):
+            if name in CLOUD_GAUGES:
+                yield GaugeMetricFamily(f"edgefed_cloud_{name}", CLOUD_GAUGES[name], value=float(value))
+            else:  # everything else the manager counts only grows
+                yield CounterMetricFamily(f"edgefed_cloud_{name}", f"Cloud tier: {name.replace('_', ' ')}",
+                                          value=float(value))
+
+
+def cloud_registry(read: Callable[[], Mapping[str, float]]) -> CollectorRegistry:
+    """A registry of its own for `edgefed cloud-serve --metrics` (never the process-global one)."""
+    registry = CollectorRegistry()
+    registry.register(_CloudCollector(read))
+    return registry

@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-mb", type=positive_float, default=1024.0, help="bound on KV + queued states, all sessions")
     p.add_argument("--session-ttl", type=positive_float, default=300.0, help="seconds before an idle session expires")
     p.add_argument("--threads", type=positive_int)
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics here: sessions, memory used against its bound, queued tokens, "
+                        "counters (port 0: any free port, printed)")
     p.set_defaults(run=run)
 
 
@@ -32,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     limits = CloudLimits(max_bytes=int(args.max_mb * 2**20), session_ttl_s=args.session_ttl)
     server = CloudServer(cloud_manager(args.model, args.split, limits), args.host, args.port).start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    if args.metrics:
+        http = serve_metrics(args.metrics, server.manager.metrics)
+        print(f"cloud metrics on http://{args.metrics.rpartition(':')[0] or '127.0.0.1'}:{http.server_port}/metrics",
+              flush=True)
     print(f"cloud tier listening on {args.host}:{server.port} (layers [{args.split}, "
           f"{server.manager.model.config.num_layers}))", flush=True)
     try:
@@ -40,3 +47,16 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
     print("cloud tier stopped", file=sys.stderr)
     return 0
+
+
+def serve_metrics(where: str, read):
+    """Prometheus /metrics for the cloud tier on HOST:PORT, in a daemon thread; returns the HTTP server."""
+    from prometheus_client import start_http_server
+
+    from coordinator.metrics import cloud_registry
+
+    host, sep, port = where.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"edgefed cloud-serve: --metrics must be HOST:PORT, got {where!r}")
+    http, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=cloud_registry(read))
+    return http

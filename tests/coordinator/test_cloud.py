@@ -198,3 +198,31 @@ def test_demo_model_off_is_exact_in_both_modes_and_trained_exits_keep_cloud_answ
     hs, _ = hidden_by_layer(full, seq, exits)
     for i, rec in enumerate(result.records):
         assert expected_token(full, heads, hs, rec.exit_layer, len(prompt) - 1 + i) == rec.token, (i, rec)
+
+
+def test_metrics_endpoint_reports_sessions_memory_against_its_bound_and_counters(parts):
+    import urllib.request
+
+    from edgefed.commands.cloud_serve import serve_metrics
+
+    _, _, cloud = parts
+    kv = CloudContextManager(cloud, "d").token_kv_bytes
+    manager = CloudContextManager(cloud, "d", CloudLimits(max_bytes=40 * kv), clock=Clock())
+    http = serve_metrics("127.0.0.1:0", manager.metrics)
+    where = f"127.0.0.1:{http.server_port}"
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://{where}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        return {k: float(v) for k, v in (ln.split(" ") for ln in lines if ln.startswith("edgefed_cloud_"))}
+
+    before = scrape()
+    assert before["edgefed_cloud_sessions"] == 0 and before["edgefed_cloud_memory_bound_bytes"] == 40 * kv
+    manager.open(spec("a"))
+    manager.infer(upload("a", 0, 12, cloud.config.hidden_size))
+    after = scrape()
+    assert after["edgefed_cloud_sessions"] == 1 and after["edgefed_cloud_sessions_opened_total"] == 1
+    assert 0 < after["edgefed_cloud_memory_used_bytes"] <= after["edgefed_cloud_memory_bound_bytes"]
+    assert after["edgefed_cloud_tokens_answered_total"] == 1 and after["edgefed_cloud_requests_total"] == 1
+    http.shutdown()
+    http.server_close()

@@ -11,18 +11,26 @@ partition after every round (not counted in wall time).
     .venv/bin/python benchmarks/bench_federated.py --rounds 3 --steps 8 --straggler email=4 --out /tmp/edgefed-bench/fl
 
 `--live`: the same comparison as a real deployment on loopback, wall time read off the clock: a SuperLink and one
-SuperNode per client (federated.runner.LocalFederation, each ClientApp in its own process, the clients training
-side by side on the machine's cores), the straggler's SuperNode given `slowdown` in its node config (its client
-sleeps (factor - 1) x each step's measured time after the step: an emulated slow device, not a CPU quota).
+SuperNode per client (federated.runner.LocalFederation; each SuperNode's ClientApp one warm process that keeps the
+base model loaded between rounds, federated.warm, or with `--cold` Flower's default of a fresh ClientApp process
+per message; the clients training side by side on the machine's cores), the straggler's SuperNode given
+`slowdown` in its node config (its client sleeps (factor - 1) x each step's measured time after the step: an
+emulated slow device, not a CPU quota).
 Synchronous FedAvg runs `--rounds` rounds; FedCompass then runs until its mean held-out perplexity reaches sync's
 final one (at most 3x as many rounds). With `--side-by-side` both run at once on two federations (4 SuperNodes),
-`--rounds` each, so the shared machine's load swings hit both alike; the time to sync's final perplexity is read
-off each curve. The held-out perplexity is measured after every round (ServerApp
-`eval-rounds`) and its time kept out of the wall time, which is the server's clock from sending a round's
-orders to aggregating it, summed over rounds.
+`--rounds` each (FedCompass `--compass-rounds`), so the shared machine's load swings hit both alike; the time to
+sync's final perplexity is read off each curve. `--probe-steps N`: FedCompass gives clients not yet measured N
+steps (its first round). The held-out perplexity is measured after every round (ServerApp `eval-rounds`) and its
+time kept out of the wall time, which is the server's clock from sending a round's orders to aggregating it,
+summed over rounds.
 
     .venv/bin/python benchmarks/bench_federated.py --live --rounds 3 --steps 8 --seq-len 64 --batch-size 2 \
         --straggler email=4 --out /tmp/edgefed-bench/fl-live
+
+`--fixed-cost`: what a live round costs beside training, warm ClientApp processes against Flower's default of
+one per message, two federations side by side (sync FedAvg, no straggler).
+
+    .venv/bin/python benchmarks/bench_federated.py --fixed-cost --rounds 4 --steps 4 --out /tmp/edgefed-bench/fl-fixed
 """
 
 from __future__ import annotations
@@ -67,7 +75,8 @@ def run_strategy(schedule: str, clients: dict, slow: dict, args, target: float |
     speeds: dict[str, float] = {}  # measured s/step x slowdown: what the server would measure
     t = 0.0
     for rnd in range(1, (args.rounds if target is None else 4 * args.rounds) + 1):
-        steps = (compass.assign_steps(speeds, args.steps, list(clients)) if schedule == "compass"
+        steps = (compass.assign_steps(speeds, args.steps, list(clients), probe_steps=args.probe_steps)
+                 if schedule == "compass"
                  else {c: args.steps for c in clients})
         updates, times, up, norms = [], {}, 0, []
         for name, s in clients.items():
@@ -151,6 +160,39 @@ def live_curve(summary: dict) -> list[dict]:
     return curve
 
 
+def run_fixed_cost(args, clients: dict, work: Path) -> None:
+    """A round's fixed cost (its seconds less the slowest client's training seconds), warm ClientApp processes
+    against a fresh ClientApp process per message: two federations at once (sync FedAvg, no straggler), so the
+    machine's load hits both alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from federated.runner import LocalFederation
+    from federated.strategy import SessionConfig
+
+    nodes = [{"name": n, "data": s.data, "quant": "float32", "threads": 1} for n, s in clients.items()]
+    base = SessionConfig(model=str(DEMO), out="", rounds=args.rounds, min_clients=len(nodes), rank=args.rank,
+                         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                         train_blocks=args.train_blocks, eval_blocks=args.eval_blocks, deadline_s=args.deadline,
+                         evaluate=False)
+
+    def one(mode: str) -> list[dict]:
+        with LocalFederation(work / f"flower-{mode}", nodes, warm=mode == "warm") as fed:
+            summary = fed.run(replace(base, out=str(work / mode)), timeout_s=args.timeout)
+        return [{"round": h["round"], "round_s": h["seconds"],
+                 "train_s": round(max(c["train-s"] for c in h["clients"]), 2),
+                 "fixed_s": round(h["seconds"] - max(c["train-s"] for c in h["clients"]), 2)}
+                for h in summary["history"]]
+
+    with ThreadPoolExecutor(2) as pool:
+        warm, cold = pool.map(one, ["warm", "cold"])
+    result = {"mode": "fixed-cost", "warm": warm, "cold": cold,
+              "median_fixed_s_after_round_1": {k: statistics.median(r["fixed_s"] for r in v[1:]) if len(v) > 1
+                                               else None for k, v in (("warm", warm), ("cold", cold))},
+              "args": vars(args)}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("warm", "cold", "median_fixed_s_after_round_1")}, indent=1))
+
+
 def run_live(args, clients: dict, slow: dict, work: Path) -> None:
     from federated.runner import LocalFederation
     from federated.strategy import SessionConfig
@@ -166,9 +208,11 @@ def run_live(args, clients: dict, slow: dict, work: Path) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         def one(schedule: str) -> tuple[dict, float]:
-            with LocalFederation(work / f"flower-{schedule}", nodes) as fed:
+            with LocalFederation(work / f"flower-{schedule}", nodes, warm=not args.cold) as fed:
                 c = time.perf_counter()
-                out = fed.run(replace(base, out=str(work / schedule), schedule=schedule), timeout_s=args.timeout)
+                kw = {"probe_steps": args.probe_steps, "rounds": args.compass_rounds or args.rounds} \
+                    if schedule == "compass" else {}
+                out = fed.run(replace(base, out=str(work / schedule), schedule=schedule, **kw), timeout_s=args.timeout)
                 return out, time.perf_counter() - c
 
         with ThreadPoolExecutor(2) as pool:
@@ -176,13 +220,13 @@ def run_live(args, clients: dict, slow: dict, work: Path) -> None:
         target = sync["history"][-1]["mean_ppl"]
         c0, c1, c2 = 0.0, ds, ds + dc
     else:
-        with LocalFederation(work / "flower", nodes) as fed:
+        with LocalFederation(work / "flower", nodes, warm=not args.cold) as fed:
             c0 = time.perf_counter()
             sync = fed.run(replace(base, out=str(work / "sync"), schedule="sync"), timeout_s=args.timeout)
             c1 = time.perf_counter()
             target = sync["history"][-1]["mean_ppl"]
             fc = fed.run(replace(base, out=str(work / "compass"), schedule="compass", rounds=3 * args.rounds,
-                                 target_ppl=target), timeout_s=args.timeout)
+                                 target_ppl=target, probe_steps=args.probe_steps), timeout_s=args.timeout)
             c2 = time.perf_counter()
     curves = {"sync FedAvg": live_curve(sync), "FedCompass": live_curve(fc)}
     ts, tc = (time_to(c, target) for c in curves.values())
@@ -243,6 +287,15 @@ def main() -> None:
     p.add_argument("--side-by-side", action="store_true",
                    help="--live: run both schedules at once, --rounds each (time to target read off the curves)")
     p.add_argument("--timeout", type=float, default=1800.0, help="--live: a session's limit (s)")
+    p.add_argument("--probe-steps", type=int, default=0,
+                   help="FedCompass: steps of a client not yet measured, i.e. its first round (0: --steps)")
+    p.add_argument("--compass-rounds", type=int, default=0,
+                   help="--live --side-by-side: FedCompass's rounds (0: --rounds); its rounds are shorter")
+    p.add_argument("--fixed-cost", action="store_true",
+                   help="live per-round fixed cost, warm ClientApp processes against one per message, side by side "
+                        "(sync, no straggler)")
+    p.add_argument("--cold", action="store_true",
+                   help="--live: a fresh ClientApp process per message (Flower's default) instead of a warm one")
     p.add_argument("--out", default="/tmp/edgefed-bench/fl")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -254,6 +307,9 @@ def main() -> None:
         data = write_client_data(work / f"{name}.json", part.files("train"), part.files("heldout"))
         clients[name] = ClientSettings(name=name, data=str(data), quant="float32")
         slow[name] = float(factor) if name == who else 1.0
+    if args.fixed_cost:
+        run_fixed_cost(args, clients, work)
+        return
     if args.live:
         run_live(args, clients, slow, work)
         return

@@ -12,4 +12,6 @@ strategy.py     the server's round loop over Flower's Grid: deadlines, late upda
 server_app.py   the ServerApp (thin)
 checkpoint.py   the global adapter per round in PEFT format
 runner.py       SuperLink / SuperNode / `flwr run` processes (the seam the device agent calls)
+warm.py         the SuperNode's ClientApp as one long-lived process serving every message (the base stays loaded)
+wire.py         the adapter on the wire: one flat array and its layout (one Flower object per message)
 """

@@ -1,14 +1,15 @@
 """The Flower ClientApp (Message API): thin handlers over federated.task.
 
-A train message carries the global adapter ("arrays") and the round's orders ("config"); the reply carries
-only the adapter tensors trained ("arrays"), metrics ("metrics") and the client's name ("info").
+A train message carries the global adapter ("arrays", one flat array: federated.wire) and the round's orders
+with the adapter's layout ("config"); the reply carries only the adapter tensors trained ("arrays"), metrics
+("metrics") and the client's name with the reply's layout ("info").
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -18,6 +19,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from . import wire
 from .task import ClientSettings, Orders, client_evaluate, client_train
 
 
@@ -42,8 +44,8 @@ app = ClientApp(mods=[secure_aggregation, dp_clipping])
 
 def _inputs(msg: Message, context: Context):
     settings = ClientSettings.from_config(dict(context.node_config))
-    orders = Orders.from_config(dict(msg.content["config"]))
-    return settings, orders, msg.content["arrays"].to_torch_state_dict()
+    config = msg.content["config"]
+    return settings, Orders.from_config(dict(config)), wire.unpack(msg.content["arrays"], config)
 
 
 def _train_legacy(msg: Message, context: Context) -> Message:
@@ -68,9 +70,10 @@ def train(msg: Message, context: Context) -> Message:
         return _train_legacy(msg, context)
     settings, orders, state = _inputs(msg, context)
     tensors, metrics = client_train(settings, orders, state)
-    tensors = {n: tensors[n] for n in state if n in tensors}  # in the order sent (Flower's DP mods compare keys)
-    content = RecordDict({"arrays": ArrayRecord(tensors), "metrics": MetricRecord(metrics),
-                          "info": ConfigRecord({"name": settings.name})})
+    arrays, layout = wire.pack({n: tensors[n] for n in state if n in tensors})  # in the order sent (DP clipping
+    # subtracts the sent adapter from the reply's)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                          "info": ConfigRecord({"name": settings.name, **layout})})
     return Message(content, reply_to=msg)
 
 

@@ -10,15 +10,17 @@ SCHEDULES = ("sync", "compass")
 
 
 def assign_steps(s_per_step: Mapping[str, float], base_steps: int, clients: list[str], min_steps: int = 1,
-                 max_steps: int | None = None) -> dict[str, int]:
+                 max_steps: int | None = None, probe_steps: int = 0) -> dict[str, int]:
     """Steps per client so all return when the fastest measured client would finish `base_steps`: a client k
-    times slower gets base_steps / k. Clients not yet measured get `base_steps` (the first round measures)."""
+    times slower gets base_steps / k. Clients not yet measured get `probe_steps` (0: `base_steps`): the first
+    round measures, and a short one bounds what an unknown straggler costs the group before it is measured."""
+    unmeasured = probe_steps or base_steps
     known = {c: s for c, s in s_per_step.items() if s > 0}
     if not known:
-        return {c: base_steps for c in clients}
+        return {c: unmeasured for c in clients}
     budget = base_steps * min(known.values())  # seconds of the group
     cap = max_steps or base_steps
-    return {c: base_steps if c not in known else max(min_steps, min(cap, round(budget / known[c]))) for c in clients}
+    return {c: unmeasured if c not in known else max(min_steps, min(cap, round(budget / known[c]))) for c in clients}
 
 
 def expected_seconds(s_per_step: Mapping[str, float], steps: Mapping[str, int],

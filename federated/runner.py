@@ -1,5 +1,6 @@
 """Flower's processes on this machine (or beside a coordinator and each device agent): SuperLink, SuperNodes, and
-`flwr run` of edgefed's app. No Ray: each SuperNode runs its ClientApp in a subprocess.
+`flwr run` of edgefed's app. No Ray: each SuperNode serves its ClientApp's messages in one long-lived process
+beside it (federated.warm), or, with warm=False, Flower's default of a ClientApp subprocess per message.
 
 The seam for the device agent (and the coordinator): `start_superlink` / `start_supernode` take addresses and
 directories and return a `Proc` the caller supervises (`alive`, `stop`); `supernode_spec` gives the same SuperNode
@@ -143,25 +144,32 @@ def start_superlink(address: str, work_dir: str | Path, timeout_s: float = 60.0)
 
 
 def start_supernode(superlink: str, address: str, node_config: dict, work_dir: str | Path, name: str,
-                    max_wait_s: float = 120.0) -> Proc:
+                    max_wait_s: float = 120.0, warm: bool = True) -> Proc:
     """A SuperNode connecting to `superlink`, its ClientApp API on `address`, its device in `node_config`
     (name, data, model, quant, memory-mb, slowdown, threads: federated.task.ClientSettings). It gives up when the
-    SuperLink stays unreachable for `max_wait_s`."""
-    spec = supernode_spec(superlink, address, node_config, work_dir, name, max_wait_s)
+    SuperLink stays unreachable for `max_wait_s`. `warm`: one ClientApp process serves every message
+    (federated.warm); otherwise Flower's default, a fresh ClientApp process per message."""
+    spec = supernode_spec(superlink, address, node_config, work_dir, name, max_wait_s, warm)
     return _start(f"SuperNode {name}", list(spec.argv), Path(work_dir) / f"supernode-{name}.log",
                   {**os.environ, **spec.env})
 
 
 def supernode_spec(superlink: str, address: str, node_config: dict, work_dir: str | Path, name: str,
-                   max_wait_s: float = 120.0) -> ChildSpec:
+                   max_wait_s: float = 120.0, warm: bool = True) -> ChildSpec:
     """The same SuperNode as a ChildSpec for the device agent's generic supervisor (edge_node.supervisor): argv,
     the environment it adds (FLWR_HOME under `work_dir`, Flower's console scripts on PATH), cwd and log directory
-    `work_dir`. Supervisor.stop's SIGTERM to the child's group also ends the SuperExec and ClientApp processes
-    the SuperNode spawned (they stay in its group)."""
+    `work_dir`. With `warm` (the default) the child is `edgefed fl supernode`, which runs `flower-supernode
+    --isolation process` as its own child and serves the ClientApp's messages in itself, keeping the base model
+    loaded between rounds (federated.warm); without, the child is `flower-supernode`, whose SuperExec spawns a
+    ClientApp process per message. Either way Supervisor.stop's SIGTERM to the child's group ends every process
+    it started (they stay in its group)."""
     work = Path(work_dir)
     host, port = address.rsplit(":", 1)
     argv = (_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", host, "--port", port,
             "--max-wait-time", str(max_wait_s), "--node-config", str(write_node_config(work, name, node_config)))
+    if warm:
+        argv = (sys.executable, "-m", "edgefed", "fl", "supernode", "--runtime-api", address, "--", *argv,
+                "--isolation", "process")
     return ChildSpec(f"supernode/{name}", argv, env=flower_env_extra(work / "flwr-home"), cwd=str(work),
                      log_dir=str(work))
 
@@ -231,6 +239,7 @@ class LocalFederation:
     work_dir: Path
     nodes: list[dict]  # node config per SuperNode (must include "name")
     superlink: str = ""
+    warm: bool = True  # one ClientApp process per SuperNode serving every message (False: one per message)
     procs: list[Proc] = field(default_factory=list)
 
     def __enter__(self) -> LocalFederation:
@@ -248,7 +257,7 @@ class LocalFederation:
             for cfg in self.nodes:
                 cfg = dict(cfg)
                 self.procs.append(start_supernode(self.superlink, f"127.0.0.1:{free_port()}", cfg, self.work_dir,
-                                                  cfg.pop("name")))
+                                                  cfg.pop("name"), warm=self.warm))
         except BaseException:
             self.stop()
             raise

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
@@ -25,7 +25,7 @@ from edge_node.model.config import ModelConfig
 from edge_node.model.errors import UsageError
 from edge_node.model.formats import weights_digest
 
-from . import checkpoint, compass, models
+from . import checkpoint, compass, models, wire
 from .aggregation import RULES, Update, aggregate
 from .plan import choose_rank
 from .task import Orders, params
@@ -54,6 +54,7 @@ class SessionConfig:
     fixed_s: float = 5.0  # compass: margin added to the deadline
     slack: float = 1.5  # compass: deadline = (measured overhead + steps x s/step) x slack + fixed_s
     staleness_decay: float = 0.5  # weight of an update k rounds late: (1 + k) ^ -decay
+    probe_steps: int = 0  # compass: steps of a client not yet measured (0: `steps`); a short first round measures
     wait_nodes_s: float = 60.0
     evaluate: bool = True  # ask every client for held-out perplexity of the final adapter
     eval_rounds: bool = False  # also after every round (its time kept out of the round's seconds)
@@ -76,6 +77,8 @@ class SessionConfig:
             raise UsageError("target-ppl needs eval-rounds (the perplexity is measured after every round)")
         if self.rounds < 1 or self.min_clients < 1 or self.rank < 1 or self.steps < 1:
             raise UsageError("rounds, min-clients, rank and steps must be at least 1")
+        if self.probe_steps < 0 or (self.probe_steps and self.schedule != "compass"):
+            raise UsageError("probe-steps (>= 0) is for schedule compass: sync gives every client `steps`")
 
     @classmethod
     def from_run_config(cls, raw: dict) -> SessionConfig:
@@ -132,7 +135,8 @@ def _plan(cfg: SessionConfig, s: SessionState, nodes: list[int]) -> dict[int, tu
     """(steps, rank) per idle node."""
     speeds = {str(n): v for n, v in s.speeds.items()}
     if cfg.schedule == "compass":
-        steps = {int(c): k for c, k in compass.assign_steps(speeds, cfg.steps, [str(n) for n in nodes]).items()}
+        steps = {int(c): k for c, k in compass.assign_steps(speeds, cfg.steps, [str(n) for n in nodes],
+                                                            probe_steps=cfg.probe_steps).items()}
     else:
         steps = {n: cfg.steps for n in nodes}
     fastest = min(s.speeds.values(), default=0)
@@ -156,10 +160,10 @@ def run_round(grid: Grid, cfg: SessionConfig, s: SessionState, rnd: int) -> dict
     busy = {p.node for p in s.pending.values()}
     nodes = [n for n in sorted(grid.get_node_ids()) if n not in busy]
     plan = _plan(cfg, s, nodes)
-    arrays = ArrayRecord({n: t.contiguous() for n, t in s.state.items()})
+    arrays, layout = wire.pack(s.state)
     dp = {KEY_CLIPPING_NORM: cfg.dp_clip} if cfg.dp_clip > 0 else {}
     msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**_orders(cfg, rnd, *plan[n]).to_config(),
-                                                                          **dp})}),
+                                                                          **layout, **dp})}),
                     dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
     sent = dict(zip(grid.push_messages(msgs), nodes, strict=True))
     s.pending.update({mid: Pending(n, rnd) for mid, n in sent.items()})
@@ -183,7 +187,12 @@ def run_round(grid: Grid, cfg: SessionConfig, s: SessionState, rnd: int) -> dict
         s.names[node], s.speeds[node] = name, float(met["s-per-step"])
         if sent_in.round == rnd:  # what a round costs this node beside training
             s.overheads[node] = max(0.0, back_s - float(met["train-s"]))
-        tensors = m.content["arrays"].to_torch_state_dict()
+        try:
+            tensors = wire.unpack(m.content["arrays"], m.content["info"])
+        except ValueError as e:  # rejected and logged like an update that does not fit
+            errors.append({"node": node, "error": f"malformed adapter from {name}: {e}"})
+            log.warning("round %d: node %s sent a malformed adapter: %s", rnd, node, e)
+            continue
         updates.append(Update(name, tensors, float(met["num-examples"]), int(met["rank"]), rnd - sent_in.round))
         clients.append({"name": name, "node": node, "sent_in_round": sent_in.round, **met})
     if cfg.schedule == "sync":
@@ -230,10 +239,10 @@ def evaluate_all(grid: Grid, cfg: SessionConfig, s: SessionState, timeout_s: flo
                  nodes: list[int] | None = None) -> dict[str, float]:
     """Held-out perplexity of the global adapter on every node in `nodes` (default: all connected), by name."""
     nodes = sorted(grid.get_node_ids()) if nodes is None else nodes
-    arrays = ArrayRecord({n: t.contiguous() for n, t in s.state.items()})
+    arrays, layout = wire.pack(s.state)
     orders = _orders(cfg, cfg.rounds, cfg.steps, cfg.rank)
-    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(orders.to_config())}), dst_node_id=n,
-                    message_type=MessageType.EVALUATE) for n in nodes]
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({**orders.to_config(), **layout})}),
+                    dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
     out = {}
     for m in grid.send_and_receive(msgs, timeout=timeout_s):
         if not m.has_error():

@@ -1,6 +1,11 @@
 """What a client does in a round, without Flower types: load the frozen base (bitsandbytes nf4 / int8, or
 float32), put the global adapter on it at the rank it was given, measure held-out perplexity, train, and hand
-back only the adapter tensors it trained (all of them; only the B's under FFA-LoRA)."""
+back only the adapter tensors it trained (all of them; only the B's under FFA-LoRA).
+
+A process that serves many rounds (federated.warm's ClientApp process) keeps the last peft model and the token
+blocks: the next round with the same base, quantization, rank, targets and rule only loads the new global
+adapter into it (every LoRA tensor is overwritten, the optimizer is new each round), so a round costs its
+training, not a model load. `clear_cache` drops them."""
 
 from __future__ import annotations
 
@@ -87,10 +92,40 @@ def pick_quant(s: ClientSettings, model_dir: str) -> str:
     return choose_quant(s.memory_mb, params(model_dir), overhead_mb=256.0)[0] if s.quant == "auto" else s.quant
 
 
-def _blocks(s: ClientSettings, o: Orders, model_dir: str, split: str, max_blocks: int) -> torch.Tensor:
+def _stamp(*paths: Path) -> tuple:
+    """What identifies files' contents cheaply (size, modification time): a cache key part."""
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((str(p), st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((str(p), None, None))
+    return tuple(out)
+
+
+@lru_cache(maxsize=8)
+def _cached_blocks(data_file: str, split: str, model_dir: str, seq_len: int, max_blocks: int, _stamp: tuple
+                   ) -> torch.Tensor:
     tok = Tokenizer.from_dir(model_dir)
     eos = tok.token_id(tok.eos_token)
-    return data.token_blocks(data.read_client_texts(s.data, split), tok, o.seq_len, max_blocks, eos)
+    return data.token_blocks(data.read_client_texts(data_file, split), tok, seq_len, max_blocks, eos)
+
+
+def _blocks(s: ClientSettings, o: Orders, model_dir: str, split: str, max_blocks: int) -> torch.Tensor:
+    """(N, seq_len) token blocks of the client's split; cached while the data file and the tokenizer are
+    unchanged (a data file names its text files: rewrite it, or call clear_cache, when those change)."""
+    stamp = _stamp(Path(s.data), *sorted(Path(model_dir).glob("tokenizer*")))
+    return _cached_blocks(s.data, split, model_dir, o.seq_len, max_blocks, stamp)
+
+
+_MODEL: dict[tuple, object] = {}  # at most one peft model: (base, quant, rank, targets, rule) -> model
+
+
+def clear_cache() -> None:
+    """Forget the kept peft model and token blocks (the next round loads the base again)."""
+    _MODEL.clear()
+    _cached_blocks.cache_clear()
 
 
 def _model(s: ClientSettings, o: Orders, state: dict[str, torch.Tensor]):
@@ -100,8 +135,14 @@ def _model(s: ClientSettings, o: Orders, state: dict[str, torch.Tensor]):
     if not Path(model_dir).is_dir():
         raise UsageError(f"client {s.name}: base model directory {model_dir} not found")
     quant = pick_quant(s, model_dir)
-    base = load_base(model_dir, quant)
-    model = models.attach(base, o.rank, o.targets.split(","), freeze_a=o.rule == "ffa")
+    weights = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".json"))
+    key = (str(Path(model_dir).resolve()), _stamp(*weights), quant, o.rank, o.targets, o.rule == "ffa")
+    model = _MODEL.get(key)
+    if model is None:
+        _MODEL.clear()  # free the previous one before loading (peft wraps its base in place: no sharing)
+        base = load_base(model_dir, quant)
+        model = models.attach(base, o.rank, o.targets.split(","), freeze_a=o.rule == "ffa")
+        _MODEL[key] = model
     models.set_state(model, truncate(state, o.rank) if o.rule == "hetlora" else state)
     return model, model_dir, quant
 

@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
                                                                    "(A frozen), HetLoRA (ranks by device speed)")
     s.add_argument("--schedule", choices=SCHEDULES, default="sync",
                    help="sync: every client the same steps; compass: steps from measured speed (FedCompass)")
+    s.add_argument("--probe-steps", type=positive_int, default=0,
+                   help="with --schedule compass: steps of a client not yet measured (default: --steps); a short "
+                        "first round measures every client's speed without waiting --steps on a straggler")
     s.add_argument("--rank", type=positive_int, default=8)
     s.add_argument("--steps", type=positive_int, default=10, help="local steps per round (the fastest client's)")
     s.add_argument("--lr", type=positive_float, default=2e-3)
@@ -67,6 +70,12 @@ def add_parser(sub) -> None:
     s.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds the whole session may take")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run)
+    n = fl.add_parser("supernode", help="a Flower SuperNode whose ClientApp stays loaded between rounds "
+                                        "(what federated.runner starts beside each device agent)")
+    n.add_argument("--runtime-api", required=True, help="HOST:PORT of the SuperNode's Runtime API (its --host/--port)")
+    n.add_argument("supernode_argv", nargs=argparse.REMAINDER,
+                   help="-- flower-supernode ... --isolation process: the SuperNode to run as a child")
+    n.set_defaults(run=run_supernode)
     m = fl.add_parser("merge", help="merge a PEFT LoRA adapter into a model directory or into tensor-parallel shards")
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="float Hugging Face model directory: writes a merged checkpoint")
@@ -78,6 +87,15 @@ def add_parser(sub) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--force", action="store_true", help="with --model: replace a merged checkpoint in --out")
     m.set_defaults(run=run_merge)
+
+
+def run_supernode(args: argparse.Namespace) -> int:
+    from federated.warm import run_supernode as run
+
+    argv = args.supernode_argv[1:] if args.supernode_argv[:1] == ["--"] else args.supernode_argv
+    if not argv or "process" not in argv:
+        raise ValueError("give the SuperNode after --: -- flower-supernode ... --isolation process")
+    return run(argv, args.runtime_api)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -121,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
                             min_clients=args.clients, rule=args.rule, schedule=args.schedule, rank=args.rank,
                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                             train_blocks=args.train_blocks, eval_blocks=args.eval_blocks, deadline_s=args.deadline,
-                            dp_clip=args.dp_clip, dp_noise=args.dp_noise, secagg=args.secagg,
-                            eval_rounds=args.eval_rounds, target_ppl=args.target_ppl)
+                            probe_steps=args.probe_steps, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
+                            secagg=args.secagg, eval_rounds=args.eval_rounds, target_ppl=args.target_ppl)
     t0 = time.perf_counter()
     with LocalFederation(work, nodes) as fed:
         summary = fed.run(session, args.timeout)

@@ -12,6 +12,7 @@ from edgefed.cli import main
     (["--rule", "ffa", "--dp-clip", "1"], "differential privacy needs rule fedavg"),
     (["--secagg", "--schedule", "compass"], "secagg needs rule fedavg and schedule sync"),
     (["--target-ppl", "50"], "target"),
+    (["--probe-steps", "2"], "probe-steps (>= 0) is for schedule compass"),
 ])
 def test_bad_flags_are_named_errors(args, message, tmp_path, capsys):
     try:

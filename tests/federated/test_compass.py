@@ -23,3 +23,8 @@ def test_deadline_has_slack_overhead_and_a_cap():
     assert deadline({"a": 1.0, "b": 2.0}, {"a": 10, "b": 5}, 5, 1.5, 100, overhead_s={"a": 20, "b": 2}) == 50
     assert deadline({}, {"a": 10}, fixed_s=5, slack=1.5, cap_s=60) == 60
     assert deadline({"a": 1.0}, {"a": 10, "new": 10}, 5, 1.5, 60) == 60  # someone unmeasured: the cap
+
+
+def test_a_probe_round_gives_unmeasured_clients_few_steps_and_then_the_schedule_takes_over():
+    assert assign_steps({}, 16, ["a", "b"], probe_steps=4) == {"a": 4, "b": 4}
+    assert assign_steps({"a": 0.5, "b": 2.0}, 16, ["a", "b", "new"], probe_steps=4) == {"a": 16, "b": 4, "new": 4}

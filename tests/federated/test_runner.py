@@ -1,5 +1,6 @@
 """A SuperNode run by the device agent's generic supervisor (edge_node.supervisor) from federated.runner's
-ChildSpec: it registers with a real SuperLink on loopback and is stopped cleanly, its SuperExec with it."""
+ChildSpec: it registers with a real SuperLink on loopback and is stopped cleanly, with every process it started
+(the warm ClientApp process's `flower-supernode --isolation process` child; Flower's own SuperExec without warm)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ def registered(db, node_id: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_supervised_supernode_joins_the_superlink_and_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("warm, started", [(True, "flower-supernode"), (False, "flower-superexec")])
+def test_a_supervised_supernode_joins_the_superlink_and_stops_cleanly(tmp_path, warm, started):
     address = f"127.0.0.1:{free_port()}"
     link = start_superlink(address, tmp_path)
     sup = Supervisor(tmp_path / "agent-logs")
     try:
-        spec = supernode_spec(address, f"127.0.0.1:{free_port()}", {"data": "unused.json"}, tmp_path, "json")
+        spec = supernode_spec(address, f"127.0.0.1:{free_port()}", {"data": "unused.json"}, tmp_path, "json",
+                              warm=warm)
+        assert ("--isolation" in spec.argv) == warm
         assert spec.env["FLWR_HOME"] == str(tmp_path / "flwr-home") and "FLWR_HOME" not in spec.argv
         pid = sup.start(spec)
         err = tmp_path / "supernode_json.err"  # the supervisor's log of the child, in the spec's log_dir
@@ -43,10 +47,10 @@ def test_a_supervised_supernode_joins_the_superlink_and_stops_cleanly(tmp_path):
         assert node_id is not None, "the SuperNode never registered"
         assert registered(tmp_path / "superlink.db", node_id)
         kids, t0 = [], time.monotonic()
-        while not any("flower-superexec" in " ".join(k.cmdline()) for k in kids) and time.monotonic() - t0 < 30:
+        while not any(started in " ".join(k.cmdline()) for k in kids) and time.monotonic() - t0 < 30:
             time.sleep(0.5)  # the SuperNode starts its SuperExec once registered
             kids = psutil.Process(pid).children(recursive=True)
-        assert kids, "the SuperNode started no SuperExec"
+        assert any(started in " ".join(k.cmdline()) for k in kids), f"no {started} started"
         ended = sup.stop(spec.name, timeout_s=10)
         assert ended is not None and ended.stopped and ended.exit_code in (0, -15), ended
         gone, alive = psutil.wait_procs(kids, timeout=10)

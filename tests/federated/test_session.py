@@ -38,6 +38,9 @@ def test_two_rounds_lower_every_clients_perplexity_and_resume_after_a_superlink_
         third = dataclasses.replace(first, rounds=3, secagg=True)
         s3 = fed.run(third, timeout_s=600)
     assert all(not p.alive() for p in fed.procs)
+    for node in nodes:  # one warm ClientApp process served every message of the three sessions (federated.warm)
+        log = (tmp_path / f"supernode-{node['name']}.log").read_text(errors="replace")
+        assert log.count(": completed in ") >= 6 and "Start `flwr-clientapp` process" not in log
     assert s1["resumed_after"] == 0 and s2["resumed_after"] == 1
     rounds = s2["history"]
     assert [h["round"] for h in rounds] == [1, 2] and all(not h["rejected"] and not h["errors"] for h in rounds)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from edge_node.adapters import load_adapted
-from federated import checkpoint
+from federated import checkpoint, wire
 from federated.aggregation import lora_rank, truncate
 from federated.strategy import SessionConfig, run_session
 
@@ -63,18 +63,28 @@ def behave(kind: str, m: Message) -> Message | None:
     if m.metadata.message_type.startswith("evaluate"):
         return Message(RecordDict({"metrics": MetricRecord({"ppl": 1.0}), "info": ConfigRecord({"name": kind})}),
                        reply_to=m)
-    state = m.content["arrays"].to_torch_state_dict()
+    state = sent(m)
     config = m.content["config"]
     if config["rule"] == "hetlora":  # the client trains at the rank it was given
         state = truncate(state, int(config["rank"]))
     out = {n: t + (100.0 if kind == "poison" else 0.25) for n, t in state.items()}
     if kind == "poison":
         next(iter(out.values()))[0, 0] = float("nan")
+    if kind == "garbled":  # a layout that does not fit its array
+        out = {"x.lora_A.weight": torch.zeros(3, 3)}
     metrics = {"num-examples": 4, "train-loss": 1.0, "ppl-before": 2.0, "steps": 2,
                "s-per-step": 0.4 if kind == "slow" else 0.1,
                "train-s": 0.2, "client-s": 0.3, "rank": int(m.content["config"]["rank"]), "bytes-up": 8}
-    return Message(RecordDict({"arrays": ArrayRecord(out), "metrics": MetricRecord(metrics),
-                               "info": ConfigRecord({"name": kind})}), reply_to=m)
+    arrays, layout = wire.pack(out)
+    if kind == "garbled":
+        arrays, _ = wire.pack(state)
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                               "info": ConfigRecord({"name": kind, **layout})}), reply_to=m)
+
+
+def sent(m: Message) -> dict[str, torch.Tensor]:
+    """The adapter a message carries (one flat array and its layout in the message's config or info record)."""
+    return wire.unpack(m.content["arrays"], m.content["config" if "config" in m.content.config_records else "info"])
 
 
 def session(llama_dir, out, **kw) -> SessionConfig:
@@ -82,16 +92,17 @@ def session(llama_dir, out, **kw) -> SessionConfig:
 
 
 def test_dropped_failing_and_poisoned_clients_never_stall_or_spoil_a_round(llama_dir, tmp_path):
-    grid = FakeGrid({1: "good", 2: "silent", 3: "poison", 4: "error"})
+    grid = FakeGrid({1: "good", 2: "silent", 3: "poison", 4: "error", 5: "garbled"})
     t0 = time.monotonic()
     summary = run_session(grid, session(llama_dir, tmp_path, rounds=1, deadline_s=1.0))
     assert time.monotonic() - t0 < 30
     rec = summary["history"][0]
     assert 1.0 <= rec["seconds"] < 3.0  # the silent node costs the deadline, no more
     assert rec["missing_nodes"] == [2] and rec["errors"][0]["error"] == "client crashed"
+    assert rec["errors"][1]["node"] == 5 and "malformed adapter from garbled" in rec["errors"][1]["error"]
     assert [r["client"] for r in rec["rejected"]] == ["poison"] and "NaN" in rec["rejected"][0]["reason"]
     assert [c["name"] for c in rec["clients"]] == ["good", "poison"]
-    init = grid.sent[0].content["arrays"].to_torch_state_dict()
+    init = sent(grid.sent[0])
     state, _ = checkpoint.load_round(tmp_path, 1)
     for n, t in state.items():  # the good client's update alone: initial + 0.25
         torch.testing.assert_close(t, init[n] + 0.25)
@@ -107,8 +118,8 @@ def test_checkpoints_resume_and_load_in_the_edge_runtime_and_peft(llama_dir, tmp
     grid = FakeGrid({1: "good"})  # a restarted server, a fresh grid
     summary = run_session(grid, session(llama_dir, tmp_path, rounds=3))
     assert summary["resumed_after"] == 1 and [h["round"] for h in summary["history"]] == [1, 2, 3]
-    sent = grid.sent[0].content["arrays"].to_torch_state_dict()  # round 2 started from round 1's adapter
-    assert all(torch.equal(sent[n], first[n]) for n in first)
+    again = sent(grid.sent[0])  # round 2 started from round 1's adapter
+    assert all(torch.equal(again[n], first[n]) for n in first)
     assert checkpoint.finished_rounds(tmp_path) == [1, 2, 3] and (tmp_path / "latest").resolve().name == "round-0003"
     assert json.loads((tmp_path / "summary.json").read_text())["ppl_after"] == {"good": 1.0}
 
@@ -129,18 +140,18 @@ def test_dp_clips_on_the_client_and_noises_the_aggregate(llama_dir, tmp_path):
     run_session(grid, session(llama_dir, tmp_path, rounds=1, dp_clip=0.5, dp_noise=2.0, evaluate=False))
     msg = grid.sent[0]
     assert msg.content["config"]["clipping_norm"] == 0.5
-    init = msg.content["arrays"].to_torch_state_dict()
+    init = sent(msg)
     state, _ = checkpoint.load_round(tmp_path, 1)
     noise = torch.cat([(state[n] - init[n] - 0.25).flatten() for n in init])
     assert abs(noise.std().item() - 2.0 * 0.5 / 2) < 0.02  # Flower's stdv: noise x clip / clients
 
     # the client side: Flower's fixedclipping_mod through our switch clips the update to the norm
     reply = dp_clipping(msg, None, lambda m, ctx: behave("good", m))
-    sent = reply.content["arrays"].to_torch_state_dict()
-    norm = torch.cat([(sent[n] - init[n]).flatten() for n in init]).norm().item()
+    clipped = sent(reply)
+    norm = torch.cat([(clipped[n] - init[n]).flatten() for n in init]).norm().item()
     assert abs(norm - 0.5) < 1e-4
     del msg.content["config"]["clipping_norm"]  # switched off: the update passes untouched
-    plain = dp_clipping(msg, None, lambda m, ctx: behave("good", m)).content["arrays"].to_torch_state_dict()
+    plain = sent(dp_clipping(msg, None, lambda m, ctx: behave("good", m)))
     assert all(torch.allclose(plain[n], init[n] + 0.25) for n in init)
 
 
@@ -159,6 +170,13 @@ def test_hetlora_and_compass_plan_from_measured_speed(llama_dir, tmp_path):
     assert lora_rank(state) == 4
 
 
+def test_compass_probes_unmeasured_clients_with_a_short_first_round(llama_dir, tmp_path):
+    grid = FakeGrid({1: "good", 2: "slow"})
+    run_session(grid, session(llama_dir, tmp_path, rounds=2, schedule="compass", steps=8, probe_steps=2,
+                              evaluate=False))
+    assert [int(m.content["config"]["steps"]) for m in grid.sent] == [2, 2, 8, 2]  # probe, then measured
+
+
 def test_compass_folds_a_late_update_into_the_next_round_with_a_staleness_weight(llama_dir, tmp_path):
     # round 1 ends at its deadline (1.5 s) without the late node; round 2 (1.5 s to 3 s) gets the late
     # reply at 2 s and the good node's at 2.5 s
@@ -170,7 +188,7 @@ def test_compass_folds_a_late_update_into_the_next_round_with_a_staleness_weight
     assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2, 1]  # ... and, busy, got no round-2 work
     late = next(c for c in r2["clients"] if c["name"] == "late")
     assert late["sent_in_round"] == 1  # its round-1 update was folded into round 2, one round stale
-    init = grid.sent[0].content["arrays"].to_torch_state_dict()
+    init = sent(grid.sent[0])
     g1 = {n: t + 0.25 for n, t in init.items()}
     w = 2 ** -0.5 / (1 + 2 ** -0.5)  # (1 + staleness)^-0.5 against a fresh update's 1
     state, _ = checkpoint.load_round(tmp_path, 2)

@@ -1,5 +1,6 @@
 """A client's round in-process on the demo model: only adapter tensors come back, FFA-LoRA sends only B (A stays
-frozen), HetLoRA trains at the rank it is given, and every reply passes the server's validation."""
+frozen), HetLoRA trains at the rank it is given, and every reply passes the server's validation. A round on the
+peft model kept from an earlier round (a warm ClientApp process) equals one on a freshly loaded base."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from edge_node.model.config import ModelConfig
 from emulation.corpus import partitions
-from federated import models
+from federated import models, task
 from federated.aggregation import Update, check_update, is_b
 from federated.data import write_client_data
 from federated.task import ClientSettings, Orders, client_train
@@ -43,3 +44,21 @@ def test_a_round_sends_back_only_what_the_rule_wants(client, rule, rank):
     if rule == "fedavg":
         a = b.replace("lora_B", "lora_A")
         assert not torch.equal(sent[a], glob[a])  # A trains too (FFA-LoRA keeps it)
+
+
+def test_a_round_on_the_kept_model_equals_one_on_a_fresh_load(client):
+    cfg = ModelConfig.from_dir(DEMO)
+    task.clear_cache()
+    client_train(client, orders("fedavg", 4), models.init_state(cfg, 4, seed=1))  # loads the base and keeps it
+    kept_model = next(iter(task._MODEL.values()))
+    second = models.init_state(cfg, 4, seed=2)
+    kept, met_kept = client_train(client, orders("fedavg", 4), second)
+    assert next(iter(task._MODEL.values())) is kept_model  # the same peft model served the second round
+    task.clear_cache()
+    fresh, met_fresh = client_train(client, orders("fedavg", 4), second)
+    fresh_model = next(iter(task._MODEL.values()))
+    assert fresh_model is not kept_model
+    assert met_kept["ppl-before"] == met_fresh["ppl-before"] and met_kept["train-loss"] == met_fresh["train-loss"]
+    assert list(kept) == list(fresh) and all(torch.equal(kept[n], fresh[n]) for n in fresh)
+    client_train(client, orders("ffa", 4), second)  # another rule: another model (A frozen), not the kept one
+    assert next(iter(task._MODEL.values())) is not fresh_model and len(task._MODEL) == 1

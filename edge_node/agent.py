@@ -73,6 +73,10 @@ class AgentConfig:
     heartbeat_interval_s: float | None = None  # None: what the coordinator says
     stop_timeout_s: float = 5.0  # a child gets this long after SIGTERM
     rank_command: tuple[str, ...] = (sys.executable, "-m", "edgefed", "serve")
+    # Long-running children of the device beside its ranks (a Flower SuperNode, ...): started when the agent
+    # starts, restarted with capped backoff when they end on their own, stopped with the agent. Their names must
+    # not look like a rank's ("<deployment>/rank<N>").
+    services: tuple[ChildSpec, ...] = ()
 
 
 class Backoff:
@@ -114,6 +118,11 @@ class Agent:
         self.reports: queue.Queue[Report] = queue.Queue()
         self.sets: queue.Queue[AssignmentSet] = queue.Queue()
         self.handled: dict[tuple[str, int], str] = {}  # (deployment, rank) -> last status, never redone
+        self.services = {spec.name: spec for spec in config.services}
+        self._service_backoff = {name: Backoff(1.0, config.backoff_max_s * 3) for name in self.services}
+        self._restarts: queue.Queue[tuple[float, str]] = queue.Queue()
+        if any(_is_rank(name) for name in self.services):
+            raise AgentError(f"a service may not be named like a rank: {sorted(self.services)}")
         self.heartbeat_interval_s = config.heartbeat_interval_s or 3.0
         self._stub: node_pb2_grpc.NodeStub | None = None
         self._reporter: threading.Thread | None = None
@@ -173,6 +182,8 @@ class Agent:
     def run(self) -> int:
         """Serve until stop_event is set (SIGTERM); returns 0, or raises AgentError when refused."""
         threading.Thread(target=self._apply_loop, name="apply", daemon=True).start()
+        if self.services:
+            threading.Thread(target=self._services_loop, name="services", daemon=True).start()
         self._reporter = threading.Thread(target=self._report_loop, name="report", daemon=True)
         self._reporter.start()
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
@@ -321,7 +332,7 @@ class Agent:
         """Start what is newly assigned; stop what is no longer assigned."""
         wanted = {_child_name(a): a for a in s.assignments}
         for name in self.supervisor.running():
-            if name not in wanted:
+            if name not in wanted and name not in self.services:
                 log.info("%s is no longer assigned: stopping it", name)
                 self.supervisor.stop(name)
         self._remove_unassigned({a.deployment_id for a in s.assignments})
@@ -403,7 +414,43 @@ class Agent:
                 return
             self.stop_event.wait(0.1)
 
+    def _start_service(self, name: str) -> None:
+        if self.stop_event.is_set():
+            return
+        try:
+            pid = self.supervisor.start(self.services[name])
+            log.info("started %s (pid %d)", name, pid)
+        except (OSError, ValueError) as e:
+            log.error("cannot start %s: %s", name, e)
+            self._restart_later(name)
+
+    def _restart_later(self, name: str) -> None:
+        delay = self._service_backoff[name].next()
+        log.warning("restarting %s in %.1f s", name, delay)
+        self._restarts.put((time.monotonic() + delay, name))
+
+    def _services_loop(self) -> None:
+        """Starts and restarts the services. One long-lived thread does it: a child's parent-death signal
+        (edge_node.supervisor) fires when the thread that started it ends, so never from a short-lived one."""
+        for name in self.services:
+            self._start_service(name)
+        while not self.stop_event.is_set():
+            try:
+                due, name = self._restarts.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if not self.stop_event.wait(max(0.0, due - time.monotonic())):
+                self._start_service(name)
+
     def _child_exited(self, e: ChildExit) -> None:
+        if e.name in self.services:
+            if not e.stopped and not self.stop_event.is_set():
+                log.error("%s ended (%s) after %.1f s; stderr tail:\n%s", e.name, e.how, e.runtime_s,
+                          e.stderr_tail[-1000:])
+                if e.runtime_s > 60:  # it ran a good while: the next failure starts the backoff afresh
+                    self._service_backoff[e.name].reset()
+                self._restart_later(e.name)
+            return
         dep, _, rank = e.name.rpartition("/rank")
         status = "stopped" if e.stopped else "exited" if e.exit_code == 0 else "crashed"
         self.handled[(dep, int(rank))] = status
@@ -475,6 +522,11 @@ def local_run_config(run_config_json: str, shards: str) -> str:
     if not isinstance(raw, dict) or "shards" not in raw:
         raise AgentError("run_config_json: expected a run configuration object with a 'shards' field")
     return json.dumps({**raw, "shards": shards}, sort_keys=True)
+
+
+def _is_rank(name: str) -> bool:
+    dep, sep, rank = name.rpartition("/rank")
+    return bool(sep and dep and rank.isdigit())
 
 
 def _child_name(a: Assignment) -> str:

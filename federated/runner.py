@@ -133,14 +133,20 @@ def wait_listening(address: str, proc: Proc, timeout_s: float) -> None:
 
 def start_superlink(address: str, work_dir: str | Path, timeout_s: float = 60.0) -> Proc:
     """A SuperLink (insecure, loopback or a private network) serving Fleet, Control and ServerApp on `address`."""
-    work = Path(work_dir)
-    host, port = address.rsplit(":", 1)
-    # its state in a file, so a restarted SuperLink still knows the SuperNodes that registered with it
-    argv = [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", host,
-            "--port", port, "--database", str(work / "superlink.db")]
-    proc = _start("SuperLink", argv, work / "superlink.log", flower_env(work / "flwr-home"))
+    spec = superlink_spec(address, work_dir)
+    proc = _start("SuperLink", list(spec.argv), Path(work_dir) / "superlink.log", {**os.environ, **spec.env})
     wait_listening(address, proc, timeout_s)
     return proc
+
+
+def superlink_spec(address: str, work_dir: str | Path) -> ChildSpec:
+    """The SuperLink as a ChildSpec (the coordinator supervises it: it dies with the coordinator). Its state is
+    in a file under `work_dir`, so a restarted SuperLink still knows the SuperNodes that registered with it."""
+    work = Path(work_dir)
+    host, port = address.rsplit(":", 1)
+    argv = (_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--host", host,
+            "--port", port, "--database", str(work / "superlink.db"))
+    return ChildSpec("superlink", argv, env=flower_env_extra(work / "flwr-home"), cwd=str(work), log_dir=str(work))
 
 
 def start_supernode(superlink: str, address: str, node_config: dict, work_dir: str | Path, name: str,

@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
                    help="a node silent for this many seconds is marked lost")
     p.add_argument("--no-replan", action="store_true",
                    help="leave a deployment that lost a rank failed instead of re-planning it on the nodes left")
+    p.add_argument("--superlink", metavar="HOST:PORT",
+                   help="also run a Flower SuperLink here for federated rounds (nodes join it with `edgefed node "
+                        "--superlink`, sessions start with `edgefed fl start --superlink`); it stops with the "
+                        "coordinator")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run)
 
@@ -64,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     http = _start_http(args, servicer, state, secrets, stop) if args.http else None
+    flower = _start_superlink(args.superlink, args.state) if args.superlink else None
     stop.wait()
     log.info("stopping")
+    if flower is not None:
+        flower.stop_all()
     if http is not None:
         http.should_exit = True
     for loop in loops:
@@ -73,6 +80,34 @@ def run(args: argparse.Namespace) -> int:
     server.stop(grace=2.0).wait(5.0)
     state.close()
     return 0
+
+
+def _start_superlink(address: str, state_dir: str):
+    """A Flower SuperLink as a supervised child (it dies with the coordinator); returns once it listens."""
+    import socket
+    import time
+    from pathlib import Path
+
+    from edge_node.supervisor import Supervisor
+    from federated.runner import superlink_spec
+
+    spec = superlink_spec(address, Path(state_dir) / "flower")
+    flower = Supervisor(Path(state_dir) / "flower")
+    flower.start(spec)
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if flower.pid(spec.name) is None:
+            raise OSError(f"the SuperLink exited before listening on {address}: {flower.exits[spec.name].how}\n"
+                          f"{flower.exits[spec.name].stderr_tail[-2000:]}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                print(f"superlink {address}", flush=True)
+                return flower
+        except OSError:
+            time.sleep(0.2)
+    flower.stop_all()
+    raise OSError(f"the SuperLink is not listening on {address} after 60 s")
 
 
 def _start_http(args, servicer, state, secrets, stop):

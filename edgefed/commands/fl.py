@@ -35,7 +35,10 @@ def add_parser(sub) -> None:
     s = fl.add_parser("start", help="run a session on loopback: SuperLink + one SuperNode per client")
     s.add_argument("--model", required=True, help="base model directory (Hugging Face format)")
     s.add_argument("--rounds", type=positive_int, default=2)
-    s.add_argument("--clients", type=positive_int, default=2, help="one SuperNode per standard-library partition")
+    s.add_argument("--clients", type=positive_int, default=2, help="one SuperNode per standard-library partition "
+                   "(with --superlink: how many of the connected SuperNodes a round needs)")
+    s.add_argument("--superlink", metavar="HOST:PORT", help="run on this SuperLink (`edgefed coordinator "
+                   "--superlink`) with the SuperNodes that node agents started, instead of local ones")
     s.add_argument("--partitions", help="comma-separated package names (default: the first N default partitions)")
     s.add_argument("--out", help="checkpoint directory (default: WORK/out); a session there resumes after its "
                                  "last finished round")
@@ -122,13 +125,16 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from federated.data import write_client_data
-    from federated.runner import LocalFederation
+    from federated.runner import LocalFederation, submit_run
     from federated.strategy import SessionConfig
 
     work = Path(args.work or tempfile.mkdtemp(prefix="edgefed-fl-"))
     out = Path(args.out or work / "out")
     nodes = []
-    for name, part in _partitions(args).items():
+    if args.superlink and (args.partitions or args.slowdown):
+        raise ValueError("--partitions and --slowdown describe local clients; with --superlink the clients are the "
+                         "SuperNodes of the node agents, each with its own --fl-data")
+    for name, part in ({} if args.superlink else _partitions(args)).items():
         data = write_client_data(work / "data" / f"{name}.json", part.files("train"), part.files("heldout"))
         nodes.append({"name": name, "data": str(data), "quant": args.quant, "memory-mb": args.memory_mb,
                       "slowdown": args.slowdown.get(name, 1.0)})
@@ -142,8 +148,11 @@ def run(args: argparse.Namespace) -> int:
                             probe_steps=args.probe_steps, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
                             secagg=args.secagg, eval_rounds=args.eval_rounds, target_ppl=args.target_ppl)
     t0 = time.perf_counter()
-    with LocalFederation(work, nodes) as fed:
-        summary = fed.run(session, args.timeout)
+    if args.superlink:  # the coordinator's SuperLink, with the SuperNodes the node agents run
+        summary = submit_run(args.superlink, session, work, args.timeout)
+    else:
+        with LocalFederation(work, nodes) as fed:
+            summary = fed.run(session, args.timeout)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         emit(summary, True)

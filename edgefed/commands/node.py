@@ -7,9 +7,10 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from edgefed.args import positive_float
+from edgefed.args import positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -28,6 +29,14 @@ def add_parser(sub) -> None:
     p.add_argument("--heartbeat", type=positive_float, help="seconds between heartbeats (default: the coordinator's)")
     p.add_argument("--backoff-max", type=positive_float, default=10.0, help="cap of the reconnect backoff, seconds")
     p.add_argument("--rpc-timeout", type=positive_float, default=10.0, help="deadline of every unary call, seconds")
+    fl = p.add_argument_group("federated learning (a Flower SuperNode supervised beside the ranks)")
+    fl.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink beside the coordinator "
+                    "(`edgefed coordinator --superlink`); the agent runs a SuperNode for it and restarts it if it ends")
+    fl.add_argument("--fl-data", help="this device's training data: JSON {\"train\": [files], \"heldout\": [files]}")
+    fl.add_argument("--fl-model", default="", help="the base model directory here (default: the one the server names)")
+    fl.add_argument("--fl-quant", default="auto", help="the base's quantization for training (auto: by memory)")
+    fl.add_argument("--fl-memory-mb", type=positive_float, help="memory for training (default: the device's)")
+    fl.add_argument("--fl-threads", type=positive_int, default=1)
     p.add_argument("--rank-command", help=argparse.SUPPRESS)  # tests: what runs a rank instead of `edgefed serve`
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=run)
@@ -68,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
                          advertise_host=args.advertise or route_ip(args.coordinator), token=args.token,
                          tls_dir=args.tls_dir, rpc_timeout_s=args.rpc_timeout, backoff_max_s=args.backoff_max,
                          heartbeat_interval_s=args.heartbeat, **extra)
+    if args.superlink:
+        config = replace(config, services=(_supernode(args, name, data_dir),))
     agent = Agent(config, facts=lambda: device_facts(data_dir), figures=lambda: heartbeat_figures(data_dir))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
@@ -76,3 +87,24 @@ def run(args: argparse.Namespace) -> int:
     except AgentError as e:
         print(f"edgefed node: error: {e}", file=sys.stderr)
         return 3
+
+
+def _supernode(args: argparse.Namespace, name: str, data_dir: Path):
+    """The SuperNode's ChildSpec (federated.runner builds it; edge_node's agent only supervises it)."""
+    from edge_node.ports import free_port
+    from edge_node.probe import device_facts
+    from federated.runner import supernode_spec
+    from federated.task import QUANTS
+
+    if args.fl_quant not in QUANTS:
+        raise ValueError(f"--fl-quant must be one of {', '.join(QUANTS)}, got {args.fl_quant!r}")
+    if not args.fl_data:
+        raise ValueError("--superlink needs --fl-data (this device's training data)")
+    data = Path(args.fl_data).resolve()
+    if not data.is_file():
+        raise ValueError(f"--fl-data {data}: no such file")
+    memory_mb = args.fl_memory_mb or device_facts(data_dir).memory_available / 2**20
+    config = {"data": str(data), "model": args.fl_model and str(Path(args.fl_model).resolve()), "quant": args.fl_quant,
+              "memory-mb": round(memory_mb, 1), "threads": args.fl_threads}
+    return supernode_spec(args.superlink, f"127.0.0.1:{free_port()}", config, data_dir / "flower", name,
+                          max_wait_s=3600.0)

@@ -13,22 +13,24 @@ other ranks wait for the master to appear in their assignment.
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coordinator.placement import ModelFacts, NodeFacts, Placement, place
 from coordinator.server import DEPLOYMENTS_DIR, Changes
 from coordinator.state import AssignmentRecord, DeploymentRecord, NodeRecord, State
 from edge_node.control import DeploymentId, FileRef
+from edge_node.early_exit import EXITS_JSON, load_exit_heads
 from edge_node.model.config import ModelConfig
 from edge_node.model.errors import UsageError
 from edge_node.model.formats import sha256_file
-from edge_node.run_config import RunConfig
+from edge_node.run_config import EarlyExitOptions, RunConfig
 from edge_node.shard import WEIGHTS, rank_paths, write_shards
 
 SHARDS_PLACEHOLDER = "<node-local shard directory>"
@@ -43,6 +45,9 @@ class DeployRequest:
     dtype: str | None = None  # compute dtype (None: the shards')
     threads: int | None = None
     exclude: tuple[str, ...] = ()  # nodes placement must not use (re-planning: alive by state, silent of late)
+    # early exit: `exits.exits` is the heads' exits.json on the coordinator's machine ("auto": beside the model);
+    # they are copied beside the shards and every rank runs with them (its run configuration's exits)
+    exits: EarlyExitOptions | None = None
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -64,10 +69,29 @@ def node_facts(n: NodeRecord) -> NodeFacts:
                      "ready" if n.state == "alive" else n.state)
 
 
-def rank_run_config(req: DeployRequest, plan: Placement, rank: int) -> RunConfig:
-    """The frozen run configuration of one rank (its memory budget when it streams its blocks)."""
+def rank_run_config(req: DeployRequest, plan: Placement, rank: int, exit_layers: tuple[int, ...] = ()) -> RunConfig:
+    """The frozen run configuration of one rank (its memory budget when it streams its blocks; with early
+    exit, the heads copied beside the shards, whose layers are `exit_layers`)."""
     budget = None if plan.resident else round(plan.ranks[rank].memory_mb, 1)
-    return RunConfig(shards=SHARDS_PLACEHOLDER, dtype=req.dtype, threads=req.threads, memory_mb=budget)
+    exits = None if req.exits is None else replace(req.exits, exits=EXIT_HEADS, layers=exit_layers)
+    return RunConfig(shards=SHARDS_PLACEHOLDER, dtype=req.dtype, threads=req.threads, memory_mb=budget, exits=exits)
+
+
+EXIT_HEADS = "auto"  # a rank's heads: the exits.json in its shard directory
+
+
+def exit_heads_source(req: DeployRequest) -> Path:
+    """The heads' JSON a deploy request names, on the coordinator's machine ("auto": beside the model)."""
+    path = Path(req.model) if req.exits.exits in (None, "auto") else Path(req.exits.exits)
+    return path / EXITS_JSON if path.is_dir() else path
+
+
+def copy_exit_heads(src: Path, shard_dir: Path) -> None:
+    """The heads' JSON (as exits.json) and the weights it names, beside the shards, so every node fetches them
+    (sha256-checked like the shards) and loads them from there."""
+    doc = json.loads(src.read_text())
+    shutil.copyfile(src.parent / doc["weights"], shard_dir / doc["weights"])
+    shutil.copyfile(src, shard_dir / EXITS_JSON)
 
 
 def rank_files(files: tuple[FileRef, ...], manifest: dict, rank: int) -> tuple[FileRef, ...]:
@@ -100,20 +124,29 @@ def deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Cha
 def _deploy(state: State, state_dir: str | Path, req: DeployRequest, changes: Changes | None,
             clock: Callable[[], float]) -> DeploymentRecord:
     cfg = ModelConfig.from_dir(req.model)
+    exit_layers: tuple[int, ...] = ()
+    if req.exits is not None:  # checked against the model before anything is sharded
+        exit_layers = load_exit_heads(exit_heads_source(req), cfg).layers
     nodes = [n for n in state.list_nodes() if n.node_id not in req.exclude]
     want: int | Sequence[str] | None = req.nodes
     plan = place([node_facts(n) for n in nodes], ModelFacts(cfg, req.weights), want)
+    if req.exits is not None and not plan.resident:
+        raise UsageError("early exit needs every layer resident on its rank, and the chosen nodes' memory only "
+                         "allows streaming layer blocks: deploy on more nodes or without exit heads")
     dep_id = DeploymentId(f"d-{secrets.token_hex(4)}")
     shard_dir = Path(state_dir) / DEPLOYMENTS_DIR / dep_id
     try:
         manifest = write_shards(req.model, shard_dir, len(plan.ranks), list(plan.ratios), req.weights)
+        if req.exits is not None:
+            copy_exit_heads(exit_heads_source(req), shard_dir)
     except BaseException:
         shutil.rmtree(shard_dir, ignore_errors=True)
         raise
     files = _files(shard_dir, manifest)
     world = len(plan.ranks)
     # master and listen stay empty: rank 0's node picks them on its own host and reports them
-    assignments = [AssignmentRecord(dep_id, r.rank, r.node, world, rank_run_config(req, plan, r.rank).to_json(),
+    assignments = [AssignmentRecord(dep_id, r.rank, r.node, world,
+                                    rank_run_config(req, plan, r.rank, exit_layers).to_json(),
                                     "", "", rank_files(files, manifest, r.rank), updated=clock())
                    for r in plan.ranks]
     dep = DeploymentRecord(dep_id, str(req.model), req.weights, world, "", "pending", clock(),

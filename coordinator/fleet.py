@@ -30,9 +30,9 @@ from pathlib import Path
 import grpc
 
 from coordinator.api import Deployment
-from coordinator.backend import BackendError, FinishEvent, GenerationRequest, TokenEvent
+from coordinator.backend import BackendError, ExitInfo, FinishEvent, GenerationRequest, TokenEvent
 from coordinator.state import DeploymentRecord, RequestRecord, State
-from edge_node.inference_client import FinalEvent, GenerateParams, InferenceClient, InferenceError
+from edge_node.inference_client import ExitParams, FinalEvent, GenerateParams, InferenceClient, InferenceError
 from edge_node.inference_client import TokenEvent as WireToken
 from edge_node.model.errors import PromptError
 
@@ -147,9 +147,11 @@ class RemoteBackend:
 
     async def _once(self, dep: DeploymentRecord, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         """One Generate call on `dep`'s rank 0; _GroupLost when the call fails or the group stops running."""
+        ee = request.early_exit
         params = GenerateParams(request.prompt_ids, request.max_new_tokens, request.temperature, request.top_p,
                                 seed=request.seed, stop_token_ids=request.stop_ids,
-                                repetition_penalty=request.repetition_penalty, request_id=request.request_id)
+                                repetition_penalty=request.repetition_penalty, request_id=request.request_id,
+                                early_exit=None if ee is None else ExitParams(ee.mode, ee.threshold, ee.criterion))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stream = self.client(dep).generate(params, timeout_s=self.timeout_s)
@@ -180,8 +182,8 @@ class RemoteBackend:
                     return
                 if isinstance(item, InferenceError):
                     raise self._error(dep, item)
-                if isinstance(item, WireToken):
-                    yield TokenEvent(item.id)
+                if isinstance(item, WireToken):  # an early-exit request's tokens say where they were answered
+                    yield TokenEvent(item.id, ExitInfo(item.exit, item.cloud, item.cloud_error) if ee else None)
                 elif isinstance(item, FinalEvent):
                     if item.stop_reason == "cancelled":
                         raise _GroupLost(f"deployment {dep.deployment_id}: rank 0 cancelled the generation")
@@ -223,13 +225,23 @@ class FleetDeployments(Mapping[str, Deployment]):
 
     def __getitem__(self, name: str) -> Deployment:
         rec = self._current()[name]
-        key = (name, rec.model)
+        layers, cloud = self._exits(rec)
+        key = (name, rec.model, layers, cloud)
         with self._lock:
             if key not in self._cache:
                 backend = RemoteBackend(name, lambda: self._current().get(name), self.make_client, self.state,
                                         self.replan, self.retry_timeout_s)
-                self._cache[key] = Deployment.for_model(name, rec.model, backend)
+                self._cache[key] = Deployment.for_model(name, rec.model, backend, exit_layers=layers,
+                                                        exit_cloud=cloud)
             return self._cache[key]
+
+    def _exits(self, rec: DeploymentRecord) -> tuple[tuple[int, ...], bool]:
+        """The deployment's exit-head layers and whether it has a cloud tier, from rank 0's run configuration."""
+        from edge_node.run_config import RunConfig
+
+        rank0 = [a for a in self.state.assignments(rec.deployment_id) if a.rank == 0]
+        exits = RunConfig.from_json(rank0[0].run_config_json).exits if rank0 else None
+        return (exits.layers, bool(exits.cloud)) if exits is not None else ((), False)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._current())

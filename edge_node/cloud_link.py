@@ -30,9 +30,8 @@ from edge_node.model.decode import check_prompt
 from edge_node.model.errors import EdgefedError, UsageError
 from edge_node.model.model import Transformer
 from edge_node.model.sampling import Sampler, SamplingConfig
+from edge_node.run_config import DEFAULT_TIMEOUT_S, EarlyExitOptions  # re-exported: callers import them here
 from quant.codec import DEFAULT_CODEC, Encoded, check_codec, encode
-
-DEFAULT_TIMEOUT_S = 10.0
 
 
 class CloudUnavailable(EdgefedError):
@@ -113,14 +112,16 @@ def generate_collaborative(model: Transformer, heads: ExitHeads | None, policy: 
                            max_new_tokens: int, repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (),
                            push_every: int = 0, on_token: Callable[[int], None] | None = None,
                            keep_session: bool = False,
-                           on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None) -> EarlyExitResult:
+                           on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None,
+                           stepper: EdgeStepper | None = None) -> EarlyExitResult:
     """Greedy generation with the edge on [0, split) and the cloud on [split, L).
 
     push_every > 0 uploads exited tokens' states in the background once that many wait (else they ride
     with the next cloud request). With policy OFF every token is answered by the cloud (the naive split).
     keep_session: at the end, catch up the edge's own deferred layers, upload every remaining state and
     leave the session open (a follow-up turn continues it without resending anything); else close it.
-    on_record(record, result so far) is called for each token before on_token(token).
+    on_record(record, result so far) is called for each token before on_token(token). `stepper`: one built
+    for [0, split) with an outbox (a tensor-parallel edge).
     """
     cfg = model.config
     if not 0 < split < cfg.num_layers:
@@ -129,7 +130,9 @@ def generate_collaborative(model: Transformer, heads: ExitHeads | None, policy: 
         raise UsageError(f"session spec names split {spec.split}, the edge runs {split}")
     check_codec(spec.codec)
     check_prompt(prompt_ids, cfg.max_position_embeddings, cfg.vocab_size)
-    stepper = EdgeStepper(model, heads, policy, split, keep_outbox=True)
+    stepper = stepper or EdgeStepper(model, heads, policy, split, keep_outbox=True)
+    if stepper.end != split or not stepper.stack.keep_outbox:
+        raise UsageError(f"the stepper runs [0, {stepper.end}) without an outbox; the split is {split}")
     fallback = heads is not None and split in heads.layers  # the head that answers when the cloud is lost
     sampler = Sampler(SamplingConfig(repetition_penalty=repetition_penalty))
     uplink = _Uplink(spec.session, spec.codec)
@@ -288,27 +291,6 @@ class GrpcTransport:
 
 
 # ---------------------------------------------------------------------------------------------- runtime entry
-@dataclass(frozen=True)
-class EarlyExitOptions:
-    """What `edgefed generate --exits ...` asks for; exits=None is the off switch (the full model's tokens)."""
-
-    exits: str | None = None  # exits.json, or "auto": the heads saved beside the model
-    threshold: float = 0.9
-    criterion: str = "max_prob"
-    mode: str = "standalone"  # | "collaborative"
-    cloud: str | None = None  # HOST:PORT of `edgefed cloud-serve`
-    split: int | None = None  # k (default: the last exit layer); standalone: the edge's last layer (default L)
-    codec: str = DEFAULT_CODEC
-    timeout_s: float = DEFAULT_TIMEOUT_S
-
-    def __post_init__(self):
-        if self.mode not in ("standalone", "collaborative"):
-            raise UsageError(f"exit mode must be standalone or collaborative, got {self.mode!r}")
-        if self.mode == "collaborative" and not self.cloud:
-            raise UsageError("collaborative mode needs the cloud tier's address (--cloud HOST:PORT)")
-        check_codec(self.codec)
-
-
 def exit_policy(heads: ExitHeads | None, opts: EarlyExitOptions) -> tuple[ExitPolicy, int | None]:
     """(the policy, the split k) `opts` asks of `heads`: exits at or below k live, k = opts.split or the last head."""
     from edge_node.early_exit import OFF
@@ -324,9 +306,13 @@ def generate_early_exit(model: Transformer, heads: ExitHeads | None, opts: Early
                         prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingConfig,
                         eos_ids: Sequence[int], model_digest: str = "",
                         on_token: Callable[[int], None] | None = None,
-                        on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None) -> EarlyExitResult:
+                        on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None,
+                        make_stepper: Callable[[ExitPolicy, int, bool], EdgeStepper] | None = None
+                        ) -> EarlyExitResult:
     """One generation as `opts` asks, on a loaded model (its first layers at least: [0, k) collaborative,
-    [0, opts.split or L) standalone) and its heads; model_digest names the weights to the cloud tier."""
+    [0, opts.split or L) standalone) and its heads; model_digest names the weights to the cloud tier.
+    make_stepper(policy, end, keep_outbox): the edge's stepper, where it is not the whole-width default (a
+    tensor-parallel rank 0's)."""
     import uuid
 
     from edge_node.early_exit import generate_standalone
@@ -334,8 +320,9 @@ def generate_early_exit(model: Transformer, heads: ExitHeads | None, opts: Early
     policy, split = exit_policy(heads, opts)
     if opts.mode == "standalone":
         end = opts.split or model.config.num_layers
+        stepper = make_stepper(policy, end, False) if make_stepper else None
         return generate_standalone(model, heads, policy, prompt_ids, max_new_tokens, sampling, eos_ids, end,
-                                   on_token, on_record)
+                                   on_token, on_record, stepper)
     if split is None:
         raise UsageError("collaborative mode needs the split k: give --split or exit heads (--exits)")
     if not sampling.greedy:
@@ -344,8 +331,10 @@ def generate_early_exit(model: Transformer, heads: ExitHeads | None, opts: Early
     spec = SessionSpec(uuid.uuid4().hex, model_digest, split, opts.codec, sampling.repetition_penalty)
     transport = GrpcTransport(opts.cloud, opts.timeout_s)
     try:
+        stepper = make_stepper(policy, split, True) if make_stepper else None
         return generate_collaborative(model, heads, policy, split, transport, spec, prompt_ids, max_new_tokens,
-                                      sampling.repetition_penalty, eos_ids, on_token=on_token, on_record=on_record)
+                                      sampling.repetition_penalty, eos_ids, on_token=on_token, on_record=on_record,
+                                      stepper=stepper)
     finally:
         transport.shutdown()
 
@@ -365,7 +354,7 @@ def run_early_exit(model_dir: str, prompt_ids: Sequence[int], max_new_tokens: in
     heads = None
     if opts.exits is not None:
         heads = load_exit_heads(Path(model_dir) if opts.exits == "auto" else Path(opts.exits), cfg)
-    policy, split = exit_policy(heads, opts)
+    _, split = exit_policy(heads, opts)
     t0 = time.perf_counter()
     if opts.mode == "standalone":
         model = load_model(model_dir, dtype, end=opts.split or cfg.num_layers, head=True, pack=True)
@@ -377,12 +366,18 @@ def run_early_exit(model_dir: str, prompt_ids: Sequence[int], max_new_tokens: in
         digest = weights_digest(model_dir)
     result = generate_early_exit(model, heads, opts, prompt_ids, max_new_tokens, sampling, eos_ids, digest,
                                  on_token)
+    return exit_summary(result, heads, opts, time.perf_counter() - t0)
+
+
+def exit_summary(result: EarlyExitResult, heads: ExitHeads | None, opts: EarlyExitOptions, seconds: float) -> dict:
+    """The JSON record of an early-exit generation: tokens, where each was answered, the cloud's state, timings."""
+    policy, _ = exit_policy(heads, opts)
     ms = [r.edge_ms + r.cloud_ms for r in result.records]
     return {"token_ids": result.token_ids, "stop_reason": result.stop_reason, "exit_mode": result.mode,
             "exits": "off" if not policy.enabled else {"layers": list(policy.layers), "threshold": opts.threshold,
                                                        "criterion": opts.criterion},
-            "usage": result.usage(), "cloud": result.cloud, "cloud_error": result.cloud_error,
-            "uplink_bytes": result.extras.get("uplink_bytes", 0),
+            "usage": result.usage(), "token_where": [r.key for r in result.records], "cloud": result.cloud,
+            "cloud_error": result.cloud_error, "uplink_bytes": result.extras.get("uplink_bytes", 0),
             "ttft_ms": round(ms[0], 3) if ms else 0.0,
             "tpot_ms": round(sum(ms[1:]) / (len(ms) - 1), 3) if len(ms) > 1 else 0.0,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "seconds": round(seconds, 3)}

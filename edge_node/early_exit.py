@@ -356,9 +356,12 @@ class EdgeStepper:
     """
 
     def __init__(self, model: Transformer, heads: ExitHeads | None, policy: ExitPolicy, end: int,
-                 keep_outbox: bool = False):
+                 keep_outbox: bool = False, stack: DeferredStack | None = None,
+                 embed: Callable[[Sequence[int]], torch.Tensor] | None = None):
+        """`stack` and `embed` replace the whole-width defaults: a tensor-parallel rank 0 passes a stack that
+        tells the other ranks every step it runs, and its row-wise embedding lookup (ids -> (1, S, hidden))."""
         cfg = model.config
-        if model.embed is None or model.head is None:
+        if (embed is None and model.embed is None) or model.head is None:
             raise UsageError("the edge part needs the embeddings and the lm_head (load it with head=True)")
         live = [i for i in policy.layers if policy.enabled and i <= end]
         need = sorted(set(live) | ({end} if end < cfg.num_layers and policy.enabled else set()))
@@ -367,7 +370,10 @@ class EdgeStepper:
             raise UsageError(f"no exit head at layer(s) {missing} (heads: {list(heads.layers) if heads else []})")
         self.model, self.heads, self.policy, self.end = model, heads, policy, end
         self.stops = sorted(set(live) | {end})
-        self.stack = DeferredStack(model, 0, end, keep_outbox=keep_outbox)
+        if stack is not None and (stack.start, stack.end, stack.keep_outbox) != (0, end, keep_outbox):
+            raise UsageError(f"the edge stack runs [{stack.start}, {stack.end}), the stepper [0, {end})")
+        self.stack = stack if stack is not None else DeferredStack(model, 0, end, keep_outbox=keep_outbox)
+        self._embed = embed or (lambda ids: model.embed_tokens(torch.tensor([list(ids)], dtype=torch.long)))
 
     def head_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Logits (vocab,) of the last row of h at `layer` (the model's own head at L)."""
@@ -379,7 +385,7 @@ class EdgeStepper:
 
     def step(self, ids: Sequence[int], pos0: int) -> tuple[int | None, torch.Tensor, torch.Tensor | None]:
         """(exit layer or None, h, logits): None means the chunk reached `end` unconfident (h is its state there)."""
-        h = self.model.embed_tokens(torch.tensor([list(ids)], dtype=torch.long))  # (1, S, hidden)
+        h = self._embed(ids)  # (1, S, hidden)
         frm = 0
         for stop in self.stops:
             h = self.stack.advance(h, pos0, frm, stop)
@@ -416,11 +422,12 @@ def generate_standalone(model: Transformer, heads: ExitHeads | None, policy: Exi
                         max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                         eos_ids: Sequence[int] = (), end: int | None = None,
                         on_token: Callable[[int], None] | None = None,
-                        on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None) -> EarlyExitResult:
+                        on_record: Callable[[TokenRecord, EarlyExitResult], None] | None = None,
+                        stepper: EdgeStepper | None = None) -> EarlyExitResult:
     """Every token leaves at its first confident exit, else at layer `end`'s head (default: the whole model).
 
     With policy OFF and end = L this runs exactly the full model's computation. on_record(record, result so far)
-    is called for each token before on_token(token).
+    is called for each token before on_token(token). `stepper`: one built for [0, end) (a tensor-parallel edge).
     """
     cfg = model.config
     end = cfg.num_layers if end is None else end
@@ -429,7 +436,9 @@ def generate_standalone(model: Transformer, heads: ExitHeads | None, policy: Exi
     if not policy.enabled and end < cfg.num_layers:
         raise UsageError(f"with exits off the edge must run every layer (end={cfg.num_layers}), got end={end}")
     check_prompt(prompt_ids, cfg.max_position_embeddings, cfg.vocab_size)
-    stepper = EdgeStepper(model, heads, policy, end)
+    stepper = stepper or EdgeStepper(model, heads, policy, end)
+    if stepper.end != end:
+        raise UsageError(f"the stepper runs [0, {stepper.end}), the generation asks for [0, {end})")
     sampler, eos = Sampler(sampling), set(eos_ids)
     result = EarlyExitResult([], [], "length", "standalone", extras={"stepper": stepper})
     out, records = result.token_ids, result.records

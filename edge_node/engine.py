@@ -7,6 +7,12 @@ state into logits and samples with the same decode loop as single-node generatio
 serve messages until rank 0 sends `Stop`, then report `RankStats`. Every rank runs the one RunConfig
 the launcher built. A serving group (edge_node.serving) runs many sequences: rank 0 sends `Reset` before each
 (every rank empties its KV cache) and `Ping` while idle (so the others' bounded waits start over).
+
+Early exit (run.exits): every layer stays resident and each rank runs the edge layers [0, k) through a
+DeferredStack over its slice, so exited tokens' deep KV is caught up exactly. Rank 0 alone decides: it
+evaluates the exit heads on the hidden state after the allreduce (the same on every rank) and tells the
+others each layer range to run, or that the chunk exited (`Step` messages, see edge_node.protocol), so every
+rank makes the same calls in the same order and the allreduces pair up.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from edge_node.collectives import Comm
+from edge_node.early_exit import DeferredStack, EdgeStepper, ExitHeads, ExitPolicy
 from edge_node.memory import ShardReader, SlidingWindow, own_peak_rss_mb, window_for_budget
 from edge_node.model.decode import GenerationResult, check_prompt, decode_loop
 from edge_node.model.errors import UsageError
@@ -52,6 +59,37 @@ class HeadChunk(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h)
+
+
+class ChunkedHead(torch.nn.Module):
+    """The lm_head as rank 0 holds it, in vocab chunks: features (..., hidden) -> logits (..., vocab)."""
+
+    def __init__(self, chunks: list[HeadChunk]):
+        super().__init__()
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([chunk(h) for chunk in self.chunks], dim=-1)
+
+
+class LeadStack(DeferredStack):
+    """Rank 0's DeferredStack: each call is announced to the other ranks before it runs here, so every rank
+    runs the same layers over the same positions (catch-up included) and the allreduces pair up."""
+
+    def __init__(self, engine: RankEngine, end: int, keep_outbox: bool):
+        super().__init__(engine.model, 0, end, engine.cache, keep_outbox, engine.comm.allreduce)
+        self.comm = engine.comm
+
+    def advance(self, h: torch.Tensor | None, pos0: int, frm: int, to: int) -> torch.Tensor | None:
+        tokens = 0 if h is None else h.shape[1]
+        self.comm.broadcast_message(Step(tokens=tokens, pos0=pos0, layers=(frm, to)), "early-exit step")
+        if h is not None and frm == self.start:
+            self.comm.broadcast(h.float(), "input hidden states")
+        return super().advance(h, pos0, frm, to)
+
+    def defer(self, h: torch.Tensor, pos0: int) -> None:
+        self.comm.broadcast_message(Step(tokens=h.shape[1], pos0=pos0, exited=True), "early exit")
+        super().defer(h, pos0)
 
 
 class RankEngine:
@@ -88,6 +126,39 @@ class RankEngine:
             # graphs exported from another checkpoint (a fine-tuned copy, same shapes) are refused
             self.prefill = open_prefill_dir(self.model, run.prefill, expected_digest=m.weights_digest)
         self.prefill_report: dict = {}
+        self.exit_heads: ExitHeads | None = None
+        self.stack: DeferredStack | None = None  # ranks > 0: the running early-exit sequence's
+        self._held: torch.Tensor | None = None  # ranks > 0: the chunk an early-exit sequence is running
+        if run.exits is not None:
+            self._resident_model(files)
+
+    def _resident_model(self, files: list[ShardFile]) -> None:
+        """Early exit: the model holds its blocks (all resident) so a DeferredStack can run any layer range."""
+        if self.window.pinned or self.window.window < len(files):
+            raise UsageError("early exit needs every layer block resident: drop --window and --memory-mb")
+        built = list(self.window.stream(len(files)))  # everything is resident: this only lists the blocks
+        blocks = {f.layer: b for f, b in zip(files[: self.layers], built, strict=False)}
+        if self.rank == 0:
+            from edge_node.early_exit import load_exit_heads
+
+            head = ChunkedHead(built[self.layers:])
+            self.model = Transformer(self.cfg, blocks, self.dtype, norm=self.norm, lm_head=head)
+            heads = self.run.exits.exits  # None: no heads (collaborative: every token to the cloud, the naive split)
+            if heads is not None:
+                self.exit_heads = load_exit_heads(self.run.shards if heads == "auto" else heads, self.cfg)
+                self.run.exits.check_layers(self.exit_heads.layers, f"rank 0 ({heads})")
+        else:
+            self.model = Transformer(self.cfg, blocks, self.dtype)
+
+    def exit_stepper(self, heads: ExitHeads | None, policy: ExitPolicy, end: int, keep_outbox: bool,
+                     request: str = "") -> EdgeStepper:
+        """Rank 0: start an early-exit sequence on [0, end) on every rank (KV caches emptied); its stepper."""
+        if self.run.exits is None:
+            raise UsageError("this group was started without exit heads: early exit is not available")
+        if not 0 < end <= self.cfg.num_layers:
+            raise UsageError(f"the edge's last layer must be in [1, {self.cfg.num_layers}], got {end}")
+        self.reset(request, exit_end=end)
+        return EdgeStepper(self.model, heads, policy, end, keep_outbox, LeadStack(self, end, keep_outbox), self.embed)
 
     def _window(self, blocks: int) -> int | None:
         if self.run.memory_mb is None:
@@ -197,7 +268,7 @@ class RankEngine:
             if isinstance(msg, Ping):
                 continue
             if isinstance(msg, Reset):
-                self._reset_own()
+                self._reset_own(msg.exit_end)
                 continue
             if isinstance(msg, KVTransfer):
                 self._receive_kv(msg)
@@ -206,19 +277,48 @@ class RankEngine:
                 raise ProtocolError(f"rank {self.rank}: unexpected {type(msg).__name__} from rank 0")
             if msg.adapter is not None:
                 raise UsageError(f"rank {self.rank}: adapter {msg.adapter!r} requested; adapters are not built yet")
+            if self.stack is not None:
+                self._exit_step(msg)
+                continue
             t0, c0, w0 = time.perf_counter(), self.comm.comm_s, self.window.io_wait_s
             h = self.comm.broadcast(torch.empty(1, msg.tokens, self.cfg.hidden_size), "input hidden states")
             self._run_layers(h.to(self.dtype), msg)
             self._record(t0, c0, w0)
 
-    def reset(self, request: str = "") -> None:
-        """Rank 0: a new sequence; every rank's KV cache (and step timings) emptied."""
-        self.comm.broadcast_message(Reset(request=request), "reset")
+    def _exit_step(self, msg: Step) -> None:
+        """Ranks > 0, in an early-exit sequence: what rank 0's LeadStack just announced, on this rank's slice."""
+        a, b = msg.layers
+        if msg.exited:
+            if self._held is None or self._held.shape[1] != msg.tokens:
+                raise ProtocolError(f"rank {self.rank}: told that {msg.tokens} token(s) exited, holding none such")
+            self.stack.defer(self._held, msg.pos0)
+        elif msg.tokens == 0:
+            self.stack.advance(None, msg.pos0, a, b)
+        else:
+            if a == self.stack.start:
+                h = self.comm.broadcast(torch.empty(1, msg.tokens, self.cfg.hidden_size), "input hidden states")
+                self._held = h.to(self.dtype)
+            elif self._held is None or self._held.shape[1] != msg.tokens:
+                raise ProtocolError(f"rank {self.rank}: asked to continue {msg.tokens} token(s) at layer {a}, "
+                                    f"holding none such")
+            self._held = self.stack.advance(self._held, msg.pos0, a, b)
+
+    def reset(self, request: str = "", exit_end: int = 0) -> None:
+        """Rank 0: a new sequence; every rank's KV cache (and step timings) emptied. exit_end > 0: an early-exit
+        sequence on the edge layers [0, exit_end) (see exit_stepper)."""
+        self.comm.broadcast_message(Reset(request=request, exit_end=exit_end), "reset")
         self._reset_own()
 
-    def _reset_own(self) -> None:
+    def _reset_own(self, exit_end: int = 0) -> None:
         self.cache.truncate(0)  # buffers kept: the next sequence reuses them
         self.times = StepTimes()
+        self._held = None
+        self.stack = None
+        if exit_end:
+            if self.run.exits is None:
+                raise ProtocolError(f"rank {self.rank}: asked for an early-exit sequence; this rank was started "
+                                    f"without early exit (configurations differ)")
+            self.stack = DeferredStack(self.model, 0, exit_end, self.cache, reduce=self.comm.allreduce)
 
     def ping(self) -> None:
         """Rank 0, idle: tell the other ranks it is alive (each waits at most run.timeout_s for a message)."""
@@ -257,6 +357,8 @@ def run_rank(run: RunConfig, rank: int = 0, master: str = "127.0.0.1:29500", kee
             engine.serve()
             comm.gather_message(engine.stats(), "rank statistics")
             result = None
+        elif run.exits is not None:
+            result = _lead_exits(engine)
         else:
             result = _lead(engine, keep_logits)
     finally:
@@ -296,6 +398,34 @@ def _lead(engine: RankEngine, keep_logits: bool) -> dict:
     if keep_logits:
         out["logits"] = logits
         out["prefill_logits"] = prefill_logits[0] if prefill_logits else None
+    return out
+
+
+def _lead_exits(engine: RankEngine) -> dict:
+    """Rank 0 of an early-exit run: the edge's generation (standalone, or with the cloud tier) over the group."""
+    from edge_node.cloud_link import exit_summary, generate_early_exit
+
+    cfg, run = engine.cfg, engine.run
+    check_prompt(list(run.prompt_ids), cfg.max_position_embeddings, cfg.vocab_size)
+    digest = engine.manifest.weights_digest or ""
+    if run.exits.mode == "collaborative" and not digest:
+        raise ShardError(f"{run.shards}: the manifest records no weights digest (shards written by an older "
+                         f"edgefed): re-shard to use the cloud tier")
+    t0 = time.perf_counter()
+    try:
+        result = generate_early_exit(engine.model, engine.exit_heads, run.exits, run.prompt_ids, run.max_new_tokens,
+                                     run.sampling, eos_ids(run.shards, cfg), digest,
+                                     make_stepper=lambda policy, end, keep: engine.exit_stepper(
+                                         engine.exit_heads, policy, end, keep))
+    finally:
+        engine.stop()
+    stats = engine.comm.gather_message(engine.stats(), "rank statistics")
+    out = exit_summary(result, engine.exit_heads, run.exits, time.perf_counter() - t0)
+    out.update({"nodes": engine.comm.world, "allreduce": engine.comm.mode, "weights": engine.manifest.weights,
+                "dtype": str(engine.dtype).removeprefix("torch."), "peak_rss_mb": round(stats[0].peak_rss_mb, 1),
+                "per_rank_peak_rss_mb": [round(s.peak_rss_mb, 1) for s in stats],
+                "per_rank_config_sha256": [s.config_sha256 for s in stats],
+                "edge_layer_evals": result.edge_layer_evals})
     return out
 
 

@@ -31,6 +31,33 @@ class InferenceError(EdgefedError):
 
 
 @dataclass(frozen=True)
+class ExitParams:
+    """A request's early exit: mode ("standalone" | "collaborative" | "off"), threshold, criterion ("max_prob" |
+    "margin"); "" and None take the group's defaults (its run configuration's)."""
+
+    mode: str = ""
+    threshold: float | None = None
+    criterion: str = ""
+
+
+@dataclass(frozen=True)
+class ExitUsage:
+    """Where an early-exit request's tokens were answered, and the cloud tier's state at the end."""
+
+    answered: tuple[tuple[str, int], ...] = ()  # ("edge@15", n), ("cloud", m), ... sorted by where
+    cloud: str = "none"  # "used" | "lost" | "unreachable" | "none"
+    cloud_error: str = ""
+
+    @property
+    def cloud_tokens(self) -> int:
+        return dict(self.answered).get("cloud", 0)
+
+    @property
+    def edge_tokens(self) -> int:
+        return sum(n for where, n in self.answered if where != "cloud")
+
+
+@dataclass(frozen=True)
 class GenerateParams:
     """One request, in token ids (the caller tokenizes). None means the server's default; see the proto."""
 
@@ -44,6 +71,7 @@ class GenerateParams:
     logprobs: int = 0
     repetition_penalty: float | None = None
     request_id: str = ""
+    early_exit: ExitParams | None = None  # None: the plain model
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
@@ -57,6 +85,9 @@ class TokenEvent:
     step_ms: float  # since the previous token (the first: since the request started running)
     logprob: float | None = None  # with logprobs > 0: the chosen token's log-probability ...
     top_logprobs: tuple[tuple[int, float], ...] = ()  # ... and the K most likely (id, logprob)
+    exit: str = ""  # early exit: where it was answered ("edge@15", "edge-fallback@20", "cloud"); "" otherwise
+    cloud: str = ""  # early exit: the cloud tier so far ("used", "lost", "unreachable", "none")
+    cloud_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +100,7 @@ class FinalEvent:
     ttft_ms: float = 0.0
     tpot_ms: float = 0.0
     total_ms: float = 0.0
+    exits: ExitUsage | None = None  # a request with early_exit: where its tokens were answered
 
 
 Event = TokenEvent | FinalEvent
@@ -85,6 +117,8 @@ class Health:
     queued: int
     busy: bool
     served: int
+    exit_layers: tuple[int, ...] = ()  # layers with an exit head (empty: no early exit)
+    exit_cloud: bool = False  # a cloud tier is configured (collaborative early exit)
 
 
 def params_to_pb(p: GenerateParams) -> pb.GenerateRequest:
@@ -93,6 +127,11 @@ def params_to_pb(p: GenerateParams) -> pb.GenerateRequest:
     for name in ("temperature", "top_p", "seed", "repetition_penalty"):
         if getattr(p, name) is not None:
             setattr(m, name, getattr(p, name))
+    if p.early_exit is not None:
+        ee = p.early_exit
+        m.early_exit.CopyFrom(pb.EarlyExit(mode=ee.mode, threshold=ee.threshold, criterion=ee.criterion))
+        if ee.threshold is None:
+            m.early_exit.ClearField("threshold")
     return m
 
 
@@ -103,46 +142,59 @@ def params_from_pb(m: pb.GenerateRequest) -> GenerateParams:
     return GenerateParams(prompt_ids=tuple(m.prompt_ids), max_new_tokens=m.max_new_tokens,
                           temperature=opt("temperature"), top_p=opt("top_p"), top_k=m.top_k, seed=opt("seed"),
                           stop_token_ids=tuple(m.stop_token_ids), logprobs=m.logprobs,
-                          repetition_penalty=opt("repetition_penalty"), request_id=m.request_id)
+                          repetition_penalty=opt("repetition_penalty"), request_id=m.request_id,
+                          early_exit=ExitParams(m.early_exit.mode, m.early_exit.threshold
+                                                if m.early_exit.HasField("threshold") else None, m.early_exit.criterion)
+                          if m.HasField("early_exit") else None)
 
 
 def event_to_pb(e: Event) -> pb.GenerateEvent:
     if isinstance(e, TokenEvent):
-        t = pb.Token(id=e.id, index=e.index, step_ms=e.step_ms)
+        t = pb.Token(id=e.id, index=e.index, step_ms=e.step_ms, exit=e.exit, cloud=e.cloud, cloud_error=e.cloud_error)
         if e.logprob is not None:
             t.logprob.CopyFrom(pb.Logprob(logprob=e.logprob,
                                           top=[pb.TopLogprob(id=i, logprob=lp) for i, lp in e.top_logprobs]))
         return pb.GenerateEvent(token=t)
-    return pb.GenerateEvent(final=pb.Final(
+    final = pb.Final(
         request_id=e.request_id, stop_reason=e.stop_reason,
         usage=pb.Usage(prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens),
-        timings=pb.Timings(queue_ms=e.queue_ms, ttft_ms=e.ttft_ms, tpot_ms=e.tpot_ms, total_ms=e.total_ms)))
+        timings=pb.Timings(queue_ms=e.queue_ms, ttft_ms=e.ttft_ms, tpot_ms=e.tpot_ms, total_ms=e.total_ms))
+    if e.exits is not None:
+        x = e.exits
+        final.exits.CopyFrom(pb.ExitUsage(answered=dict(x.answered), edge_tokens=x.edge_tokens,
+                                          cloud_tokens=x.cloud_tokens, cloud=x.cloud, cloud_error=x.cloud_error))
+    return pb.GenerateEvent(final=final)
 
 
 def event_from_pb(m: pb.GenerateEvent) -> Event:
     kind = m.WhichOneof("event")
     if kind == "token":
         t = m.token
+        where = dict(exit=t.exit, cloud=t.cloud, cloud_error=t.cloud_error)
         if t.HasField("logprob"):
             return TokenEvent(t.id, t.index, t.step_ms, t.logprob.logprob,
-                              tuple((x.id, x.logprob) for x in t.logprob.top))
-        return TokenEvent(t.id, t.index, t.step_ms)
+                              tuple((x.id, x.logprob) for x in t.logprob.top), **where)
+        return TokenEvent(t.id, t.index, t.step_ms, **where)
     if kind == "final":
         f = m.final
+        exits = None
+        if f.HasField("exits"):
+            exits = ExitUsage(tuple(sorted(f.exits.answered.items())), f.exits.cloud, f.exits.cloud_error)
         return FinalEvent(f.request_id, f.stop_reason, f.usage.prompt_tokens, f.usage.completion_tokens,
-                          f.timings.queue_ms, f.timings.ttft_ms, f.timings.tpot_ms, f.timings.total_ms)
+                          f.timings.queue_ms, f.timings.ttft_ms, f.timings.tpot_ms, f.timings.total_ms, exits)
     raise InferenceError(grpc.StatusCode.INTERNAL, "the server sent an event that is neither a token nor final")
 
 
 def health_to_pb(h: Health) -> pb.HealthReply:
     return pb.HealthReply(ready=h.ready, world_size=h.world_size, vocab_size=h.vocab_size,
                           max_positions=h.max_positions, eos_token_ids=h.eos_token_ids,
-                          config_sha256=h.config_sha256, queued=h.queued, busy=h.busy, served=h.served)
+                          config_sha256=h.config_sha256, queued=h.queued, busy=h.busy, served=h.served,
+                          exit_layers=h.exit_layers, exit_cloud=h.exit_cloud)
 
 
 def health_from_pb(m: pb.HealthReply) -> Health:
     return Health(m.ready, m.world_size, m.vocab_size, m.max_positions, tuple(m.eos_token_ids), m.config_sha256,
-                  m.queued, m.busy, m.served)
+                  m.queued, m.busy, m.served, tuple(m.exit_layers), m.exit_cloud)
 
 
 def _error(e: grpc.RpcError) -> InferenceError:

@@ -98,7 +98,9 @@ class Step(_Message):
     """Run `tokens` positions from absolute position `pos0` through layers [a, b); the hidden states follow.
 
     `exited` marks a token that left at an early exit (deep layers catch up later); `adapter` names a LoRA
-    adapter, None for the base model.
+    adapter, None for the base model. In an early-exit sequence (see Reset.exit_end) a Step from layer 0 is a
+    new chunk (its hidden states follow), one from a later layer continues the last chunk, `tokens=0` only
+    catches up deferred positions, and `exited` keeps the last chunk waiting (nothing runs).
     """
 
     tokens: int = 1
@@ -151,9 +153,15 @@ class RankStats(_Message):
 @dataclass(frozen=True)
 class Reset(_Message):
     """A serving group starts a new sequence: every rank empties its KV cache (buffers kept) before the next
-    Step, which runs from position 0. `request` names the request, for the logs."""
+    Step, which runs from position 0. `request` names the request, for the logs. `exit_end` > 0: the sequence runs
+    with early exit on the edge layers [0, exit_end) (edge_node.early_exit.DeferredStack on every rank); its Steps
+    then name layer ranges within them, and `exited` Steps keep the last chunk for deep-KV catch-up."""
 
     request: str = ""
+    exit_end: int = 0
+
+    def _validate(self) -> None:
+        self._non_negative("exit_end")
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,57 @@ from typing import Any
 from edge_node.model.errors import UsageError
 from edge_node.model.sampling import SamplingConfig
 from npu_backends.options import PrefillOptions
+from quant.codec import CODECS, DEFAULT_CODEC
 
 DTYPES = ("float32", "bfloat16", "float16")
 ALLREDUCE = ("star", "gloo")
+EXIT_MODES = ("standalone", "collaborative")
+EXIT_CRITERIA = ("max_prob", "margin")
+DEFAULT_TIMEOUT_S = 10.0  # every call to the cloud tier
+
+
+@dataclass(frozen=True)
+class EarlyExitOptions:
+    """Early exit as a run asks for it (`generate --exits`, `tp-generate --exits`, a deployment's exit heads);
+    exits=None is the off switch (the full model's tokens).
+
+    In a serving group these are the deployment's heads, cloud tier and split; each request names its own mode
+    and threshold (`threshold`, `mode` here are what a request without its own gets)."""
+
+    exits: str | None = None  # exits.json, or "auto": the heads saved beside the model (or the shards)
+    threshold: float = 0.9
+    criterion: str = "max_prob"
+    mode: str = "standalone"  # | "collaborative"
+    cloud: str | None = None  # HOST:PORT of `edgefed cloud-serve`
+    split: int | None = None  # k (default: the last exit layer); standalone: the edge's last layer (default L)
+    codec: str = DEFAULT_CODEC
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    # The heads' layers as a deployment recorded them (so the coordinator knows what requests may ask without
+    # reading the heads); when set, a rank whose heads have other layers refuses to start. (): not recorded.
+    layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.mode not in EXIT_MODES:
+            raise UsageError(f"exit mode must be standalone or collaborative, got {self.mode!r}")
+        if self.mode == "collaborative" and not self.cloud:
+            raise UsageError("collaborative mode needs the cloud tier's address (--cloud HOST:PORT)")
+        if not (isinstance(self.threshold, int | float) and 0.0 <= self.threshold <= 1.0):
+            raise UsageError(f"exit threshold must be in [0, 1], got {self.threshold!r}")
+        if self.criterion not in EXIT_CRITERIA:
+            raise UsageError(f"exit criterion must be one of {', '.join(EXIT_CRITERIA)}, got {self.criterion!r}")
+        if self.split is not None and (not isinstance(self.split, int) or self.split < 1):
+            raise UsageError(f"exit split k must be a layer index >= 1, got {self.split!r}")
+        if self.codec not in CODECS:
+            raise UsageError(f"exit codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if not (isinstance(self.timeout_s, int | float) and self.timeout_s > 0):
+            raise UsageError(f"cloud timeout must be > 0 seconds, got {self.timeout_s!r}")
+
+    def check_layers(self, heads_layers: tuple[int, ...], where: str) -> None:
+        """Refuse heads whose layers differ from the ones recorded (a deployment's heads replaced on a node)."""
+        if self.layers and tuple(heads_layers) != self.layers:
+            raise UsageError(f"{where}: exit heads at layers {list(heads_layers)}, the run configuration records "
+                             f"{list(self.layers)}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +86,7 @@ class RunConfig:
     timeout_s: float = 60.0  # every wait on another rank
     drop_page_cache: bool = False
     adapter: str | None = None  # a PEFT LoRA adapter directory merged into the weights at load (edge_node/adapters.py)
+    exits: EarlyExitOptions | None = None  # early exit (heads, threshold, mode, cloud tier); None: off
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
@@ -49,6 +98,15 @@ class RunConfig:
             raise UsageError(f"allreduce must be one of {', '.join(ALLREDUCE)}, got {self.allreduce!r}")
         if self.window is not None and self.memory_mb is not None:
             raise UsageError("give a window or a memory budget, not both")
+        if self.exits is not None and (self.window is not None or self.memory_mb is not None or self.prefill):
+            raise UsageError("early exit runs with every layer resident and torch prefill: drop the window, the "
+                             "memory budget and ONNX Runtime prefill")
+        if self.exits is not None and self.logprobs:
+            raise UsageError("log-probabilities are not reported with early exit: drop logprobs (or the exits)")
+        if self.exits is not None and self.exits.cloud and self.exits.timeout_s >= self.timeout_s:
+            # the other ranks wait for rank 0's next message while it waits for the cloud tier
+            raise UsageError(f"the cloud timeout ({self.exits.timeout_s:g} s) must be shorter than the ranks' "
+                             f"timeout ({self.timeout_s:g} s)")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -65,6 +123,8 @@ class RunConfig:
         raw["sampling"] = SamplingConfig(**_known(SamplingConfig, raw.get("sampling") or {}, "sampling"))
         if raw.get("prefill") is not None:
             raw["prefill"] = PrefillOptions(**_known(PrefillOptions, raw["prefill"], "prefill"))
+        if raw.get("exits") is not None:
+            raw["exits"] = EarlyExitOptions(**_known(EarlyExitOptions, raw["exits"], "exits"))
         return cls(**raw)
 
     @property

@@ -14,18 +14,21 @@ same service without collectives.
 
 In serve mode the RunConfig's prompt_ids, max_new_tokens, sampling and logprobs are not used: each request
 carries its own. The KV budget behind --memory-mb is sized for the model's whole context.
+
+A group started with exit heads (RunConfig.exits) also serves early-exit requests: each names its mode and
+threshold; the heads, the split k and the cloud tier are the group's. Each token event says where the token was
+answered, and the final event how many were answered where and whether the cloud tier was reachable.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -35,6 +38,7 @@ from edge_node.collectives import Comm, CommError
 from edge_node.engine import RankEngine
 from edge_node.inference_client import (
     FIELD_METADATA,
+    ExitUsage,
     FinalEvent,
     GenerateParams,
     Health,
@@ -49,73 +53,12 @@ from edge_node.model.formats import TORCH_NAMES
 from edge_node.model.generation_config import eos_ids, repetition_penalty
 from edge_node.model.sampling import Sampler, SamplingConfig
 from edge_node.rpc import inference_pb2_grpc as pb_grpc
-from edge_node.run_config import RunConfig
+from edge_node.run_config import EarlyExitOptions, RunConfig
+from edge_node.serving_requests import Limits, RequestError, check_request  # re-exported here too
 from edge_node.shard import Manifest, ShardError
 
-MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
-MAX_STOP_IDS = 64
-MAX_REQUEST_ID = 128
 MAX_QUEUE = 32  # requests waiting for the group beyond the running one (RESOURCE_EXHAUSTED past it)
 _POLL_S = 0.2  # how often idle loops look at their flags
-
-
-class RequestError(UsageError):
-    """A request field out of range; `field` names it (INVALID_ARGUMENT on the wire)."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a request is checked against: the model's vocabulary and context, its default penalty."""
-
-    vocab_size: int
-    max_positions: int
-    default_penalty: float = 1.0
-
-
-def _ids_in_vocab(ids, field: str, vocab: int) -> None:
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise RequestError(field, f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-
-
-def _optional_number(value: float | None, field: str, ok: Callable[[float], bool], want: str) -> None:
-    if value is not None and not (math.isfinite(value) and ok(value)):
-        raise RequestError(field, f"must be {want}, got {value!r}")
-
-
-def check_request(p: GenerateParams, limits: Limits) -> SamplingConfig:
-    """Every field in range, or RequestError naming the first that is not; the request's SamplingConfig."""
-    if len(p.request_id) > MAX_REQUEST_ID:
-        raise RequestError("request_id", f"at most {MAX_REQUEST_ID} characters, got {len(p.request_id)}")
-    if not p.prompt_ids:
-        raise RequestError("prompt_ids", "empty: give at least one token id")
-    if len(p.prompt_ids) > limits.max_positions:
-        raise RequestError("prompt_ids", f"{len(p.prompt_ids)} tokens, more than the model's context of "
-                                         f"{limits.max_positions} positions")
-    _ids_in_vocab(p.prompt_ids, "prompt_ids", limits.vocab_size)
-    if not 1 <= p.max_new_tokens <= limits.max_positions:
-        raise RequestError("max_new_tokens", f"must be in [1, {limits.max_positions}], got {p.max_new_tokens}")
-    _optional_number(p.temperature, "temperature", lambda v: v >= 0, "a finite number >= 0 (0: greedy)")
-    _optional_number(p.top_p, "top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-    if p.top_k < 0:
-        raise RequestError("top_k", f"must be >= 0 (0: off), got {p.top_k}")
-    if p.seed is not None and p.seed < 0:
-        raise RequestError("seed", f"must be >= 0, got {p.seed}")
-    if len(p.stop_token_ids) > MAX_STOP_IDS:
-        raise RequestError("stop_token_ids", f"at most {MAX_STOP_IDS} ids, got {len(p.stop_token_ids)}")
-    _ids_in_vocab(p.stop_token_ids, "stop_token_ids", limits.vocab_size)
-    if not 0 <= p.logprobs <= MAX_LOGPROBS:
-        raise RequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
-    _optional_number(p.repetition_penalty, "repetition_penalty", lambda v: v > 0, "a finite number > 0")
-    penalty = limits.default_penalty if p.repetition_penalty is None else p.repetition_penalty
-    if not p.temperature:  # None or 0: greedy, as OpenAI's API reads temperature 0
-        return SamplingConfig(greedy=True, repetition_penalty=penalty)
-    return SamplingConfig(greedy=False, temperature=p.temperature, top_k=p.top_k,
-                          top_p=1.0 if p.top_p is None else p.top_p, seed=p.seed, repetition_penalty=penalty)
 
 
 class GroupBackend:
@@ -124,6 +67,18 @@ class GroupBackend:
     def __init__(self, engine: RankEngine):
         self.engine, self.config, self.world = engine, engine.cfg, engine.comm.world
         self.eos = eos_ids(engine.run.shards, engine.cfg)
+        self.exit_options, self.exit_heads = engine.run.exits, engine.exit_heads
+        self.digest = engine.manifest.weights_digest or ""
+
+    def generate_exits(self, opts: EarlyExitOptions, prompt: list[int], max_new_tokens: int,
+                       sampling: SamplingConfig, eos: tuple[int, ...], on_record, request_id: str):
+        """One early-exit generation across the group (rank 0 decides every exit; see engine.LeadStack)."""
+        from edge_node.cloud_link import generate_early_exit
+
+        engine, heads = self.engine, self.exit_heads
+        return generate_early_exit(engine.model, heads, opts, prompt, max_new_tokens, sampling, eos, self.digest,
+                                   on_record=on_record, make_stepper=lambda policy, end, keep: engine.exit_stepper(
+                                       heads, policy, end, keep, request_id))
 
     def reset(self, request_id: str) -> None:
         self.engine.reset(request_id)
@@ -151,6 +106,25 @@ class LocalBackend:
         self.config, self.world = self.model.config, 1
         self.eos = eos_ids(run.model, self.config)
         self.cache = self.model.new_cache()
+        self.exit_options, self.exit_heads, self.digest = run.exits, None, ""
+        if run.exits is not None and run.exits.exits is not None:
+            from edge_node.early_exit import load_exit_heads
+
+            heads = run.exits.exits
+            self.exit_heads = load_exit_heads(run.model if heads == "auto" else heads, self.config)
+            run.exits.check_layers(self.exit_heads.layers, str(heads))
+        if run.exits is not None and run.exits.cloud:
+            from edge_node.model.formats import weights_digest
+
+            self.digest = weights_digest(run.model)
+
+    def generate_exits(self, opts: EarlyExitOptions, prompt: list[int], max_new_tokens: int,
+                       sampling: SamplingConfig, eos: tuple[int, ...], on_record, request_id: str):
+        """One early-exit generation on the whole model here (its own DeferredStack and KV cache)."""
+        from edge_node.cloud_link import generate_early_exit
+
+        return generate_early_exit(self.model, self.exit_heads, opts, prompt, max_new_tokens, sampling, eos,
+                                   self.digest, on_record=on_record)
 
     def reset(self, request_id: str) -> None:
         self.cache.truncate(0)
@@ -188,6 +162,7 @@ class Job:
         self.events: queue.Queue[TokenEvent | FinalEvent | Failure] = queue.Queue()
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
+        self.exits: ExitUsage | None = None  # an early-exit request: where its tokens were answered so far
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -204,7 +179,10 @@ class ServingGroup:
                  max_queue: int = MAX_QUEUE):
         self.backend, self.ping_s, self.config_sha256 = backend, ping_s, config_sha256
         cfg = backend.config
-        self.limits = Limits(cfg.vocab_size, cfg.max_position_embeddings, default_penalty)
+        heads, opts = getattr(backend, "exit_heads", None), getattr(backend, "exit_options", None)
+        self.limits = Limits(cfg.vocab_size, cfg.max_position_embeddings, default_penalty,
+                             tuple(heads.layers) if heads is not None else (), bool(opts is not None and opts.cloud),
+                             opts)
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job] = queue.Queue(max_queue)
         self._current: Job | None = None
@@ -237,7 +215,8 @@ class ServingGroup:
         return Health(ready=not (self._stopping or self.done.is_set()), world_size=self.backend.world,
                       vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
                       eos_token_ids=tuple(self.backend.eos), config_sha256=self.config_sha256,
-                      queued=self._jobs.qsize(), busy=self._current is not None, served=self.served)
+                      queued=self._jobs.qsize(), busy=self._current is not None, served=self.served,
+                      exit_layers=self.limits.exit_layers, exit_cloud=self.limits.exit_cloud)
 
     # --- the engine thread
     def run(self) -> None:
@@ -282,7 +261,8 @@ class ServingGroup:
             job.events.put(self._final(p, "cancelled", times, start, queue_ms))
             return
         try:
-            reason = self._generate(job, times)
+            exits = p.early_exit is not None and p.early_exit.mode != "off"
+            reason = self._generate_exits(job, times) if exits else self._generate(job, times)
         except _Cancelled:
             reason = "cancelled"
         except NonFiniteError as e:  # found on rank 0 after a complete step: the group stays consistent
@@ -295,7 +275,7 @@ class ServingGroup:
             job.events.put(Failure(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
             raise
         self.served += 1
-        job.events.put(self._final(p, reason, times, start, queue_ms))
+        job.events.put(self._final(p, reason, times, start, queue_ms, job.exits))
 
     def _generate(self, job: Job, times: list[float]) -> str:
         p, backend = job.params, self.backend
@@ -303,6 +283,9 @@ class ServingGroup:
         stops, eos = set(p.stop_token_ids), set(backend.eos)
         last: list[torch.Tensor] = []
         t_prev = time.perf_counter()
+        where = f"edge@{self.backend.config.num_layers}" if p.early_exit is not None else ""  # early_exit off
+        if where:
+            job.exits = ExitUsage()
 
         def step(ids: list[int], pos0: int) -> torch.Tensor:
             if job.cancelled.is_set() or self._stopping:
@@ -319,7 +302,10 @@ class ServingGroup:
             job.events.put(TokenEvent(token, len(times) - 1, (now - t_prev) * 1e3,
                                       None if lp is None else lp["logprob"],
                                       () if lp is None else tuple((t["token_id"], t["logprob"])
-                                                                  for t in lp["top_logprobs"])))
+                                                                  for t in lp["top_logprobs"]),
+                                      exit=where, cloud="none" if where else ""))
+            if where:
+                job.exits = ExitUsage(((where, len(times)),))
             t_prev = now
 
         result = decode_loop(step, list(p.prompt_ids), p.max_new_tokens, Sampler(job.sampling), eos | stops,
@@ -328,13 +314,41 @@ class ServingGroup:
             return "eos" if result.token_ids[-1] in eos else "stop"
         return result.stop_reason
 
+    def _generate_exits(self, job: Job, times: list[float]) -> str:
+        """An early-exit request: the group's heads, split and cloud tier, the request's mode and threshold."""
+        p, backend, ee = job.params, self.backend, job.params.early_exit
+        opts = replace(backend.exit_options, mode=ee.mode, threshold=ee.threshold, criterion=ee.criterion)
+        eos = set(backend.eos)
+        answered: dict[str, int] = {}
+        job.exits = ExitUsage()
+        t_prev = time.perf_counter()
+
+        def on_record(rec, result) -> None:
+            nonlocal t_prev
+            now = time.perf_counter()
+            times.append(now)
+            answered[rec.key] = answered.get(rec.key, 0) + 1
+            job.exits = ExitUsage(tuple(sorted(answered.items())), result.cloud, result.cloud_error)
+            job.events.put(TokenEvent(rec.token, len(times) - 1, (now - t_prev) * 1e3, exit=rec.key,
+                                      cloud=result.cloud, cloud_error=result.cloud_error))
+            t_prev = now
+            if job.cancelled.is_set() or self._stopping:
+                raise _Cancelled
+
+        result = backend.generate_exits(opts, list(p.prompt_ids), p.max_new_tokens, job.sampling,
+                                        (*eos, *p.stop_token_ids), on_record, p.request_id)
+        if result.stop_reason == "eos":
+            return "eos" if result.token_ids[-1] in eos else "stop"
+        return result.stop_reason
+
     @staticmethod
-    def _final(p: GenerateParams, reason: str, times: list[float], start: float, queue_ms: float) -> FinalEvent:
+    def _final(p: GenerateParams, reason: str, times: list[float], start: float, queue_ms: float,
+               exits: ExitUsage | None = None) -> FinalEvent:
         end = time.perf_counter()
         gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:], strict=False)]
         return FinalEvent(p.request_id, reason, len(p.prompt_ids), len(times), round(queue_ms, 3),
                           round((times[0] - start) * 1e3, 3) if times else 0.0,
-                          round(sum(gaps) / len(gaps), 3) if gaps else 0.0, round((end - start) * 1e3, 3))
+                          round(sum(gaps) / len(gaps), 3) if gaps else 0.0, round((end - start) * 1e3, 3), exits)
 
 
 class GroupUnavailable(EdgefedError):
@@ -365,7 +379,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Generate(self, request, context) -> Iterator:
         self._authorize(context)
         try:
-            params = params_from_pb(request)
+            params = self.group.limits.with_exit_defaults(params_from_pb(request))
             job = Job(params, check_request(params, self.group.limits))
             self.group.submit(job)
         except RequestError as e:
@@ -464,6 +478,8 @@ class Serving:
                  options: ServeOptions | None = None):
         if run.prefill is not None:
             raise UsageError("serve: ONNX Runtime prefill is not supported in serve mode yet (drop prefill)")
+        if run.exits is not None and run.exits.exits is None:
+            raise UsageError("serve: early exit needs exit heads (exits.exits: an exits.json, or auto)")
         self.run_config, self.rank, self.master = run, rank, master
         self.options = options or ServeOptions()
         self._stop = False

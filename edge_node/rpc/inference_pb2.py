@@ -24,33 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64ge_node/rpc/inference.proto\x12\x11\x65\x64gefed.inference\"\xa6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x01H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\")\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"F\n\x07Logprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12*\n\x03top\x18\x02 \x03(\x0b\x32\x1d.edgefed.inference.TopLogprob\"`\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0f\n\x07step_ms\x18\x03 \x01(\x01\x12+\n\x07logprob\x18\x04 \x01(\x0b\x32\x1a.edgefed.inference.Logprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"O\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x86\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.edgefed.inference.Usage\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.edgefed.inference.Timings\"n\n\rGenerateEvent\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x18.edgefed.inference.TokenH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.edgefed.inference.FinalH\x00\x42\x07\n\x05\x65vent\"\x0f\n\rHealthRequest\"\xb7\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_positions\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x03\x12\x15\n\rconfig_sha256\x18\x06 \x01(\t\x12\x0e\n\x06queued\x18\x07 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x08 \x01(\x08\x12\x0e\n\x06served\x18\t \x01(\x03\x32\xab\x01\n\tInference\x12R\n\x08Generate\x12\".edgefed.inference.GenerateRequest\x1a .edgefed.inference.GenerateEvent0\x01\x12J\n\x06Health\x12 .edgefed.inference.HealthRequest\x1a\x1e.edgefed.inference.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64ge_node/rpc/inference.proto\x12\x11\x65\x64gefed.inference\"\xd8\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x01H\x03\x88\x01\x01\x12\x30\n\nearly_exit\x18\x0b \x01(\x0b\x32\x1c.edgefed.inference.EarlyExitB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"R\n\tEarlyExit\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tcriterion\x18\x03 \x01(\tB\x0c\n\n_threshold\")\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"F\n\x07Logprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12*\n\x03top\x18\x02 \x03(\x0b\x32\x1d.edgefed.inference.TopLogprob\"\x92\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0f\n\x07step_ms\x18\x03 \x01(\x01\x12+\n\x07logprob\x18\x04 \x01(\x0b\x32\x1a.edgefed.inference.Logprob\x12\x0c\n\x04\x65xit\x18\x05 \x01(\t\x12\r\n\x05\x63loud\x18\x06 \x01(\t\x12\x13\n\x0b\x63loud_error\x18\x07 \x01(\t\"\xc9\x01\n\tExitUsage\x12<\n\x08\x61nswered\x18\x01 \x03(\x0b\x32*.edgefed.inference.ExitUsage.AnsweredEntry\x12\x13\n\x0b\x65\x64ge_tokens\x18\x02 \x01(\x05\x12\x14\n\x0c\x63loud_tokens\x18\x03 \x01(\x05\x12\r\n\x05\x63loud\x18\x04 \x01(\t\x12\x13\n\x0b\x63loud_error\x18\x05 \x01(\t\x1a/\n\rAnsweredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"O\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xb3\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.edgefed.inference.Usage\x12+\n\x07timings\x18\x04 \x01(\x0b\x32\x1a.edgefed.inference.Timings\x12+\n\x05\x65xits\x18\x05 \x01(\x0b\x32\x1c.edgefed.inference.ExitUsage\"n\n\rGenerateEvent\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x18.edgefed.inference.TokenH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.edgefed.inference.FinalH\x00\x42\x07\n\x05\x65vent\"\x0f\n\rHealthRequest\"\xe0\x01\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_positions\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x03\x12\x15\n\rconfig_sha256\x18\x06 \x01(\t\x12\x0e\n\x06queued\x18\x07 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x08 \x01(\x08\x12\x0e\n\x06served\x18\t \x01(\x03\x12\x13\n\x0b\x65xit_layers\x18\n \x03(\x05\x12\x12\n\nexit_cloud\x18\x0b \x01(\x08\x32\xab\x01\n\tInference\x12R\n\x08Generate\x12\".edgefed.inference.GenerateRequest\x1a .edgefed.inference.GenerateEvent0\x01\x12J\n\x06Health\x12 .edgefed.inference.HealthRequest\x1a\x1e.edgefed.inference.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edge_node.rpc.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EXITUSAGE_ANSWEREDENTRY']._loaded_options = None
+  _globals['_EXITUSAGE_ANSWEREDENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=53
-  _globals['_GENERATEREQUEST']._serialized_end=347
-  _globals['_TOPLOGPROB']._serialized_start=349
-  _globals['_TOPLOGPROB']._serialized_end=390
-  _globals['_LOGPROB']._serialized_start=392
-  _globals['_LOGPROB']._serialized_end=462
-  _globals['_TOKEN']._serialized_start=464
-  _globals['_TOKEN']._serialized_end=560
-  _globals['_USAGE']._serialized_start=562
-  _globals['_USAGE']._serialized_end=619
-  _globals['_TIMINGS']._serialized_start=621
-  _globals['_TIMINGS']._serialized_end=700
-  _globals['_FINAL']._serialized_start=703
-  _globals['_FINAL']._serialized_end=837
-  _globals['_GENERATEEVENT']._serialized_start=839
-  _globals['_GENERATEEVENT']._serialized_end=949
-  _globals['_HEALTHREQUEST']._serialized_start=951
-  _globals['_HEALTHREQUEST']._serialized_end=966
-  _globals['_HEALTHREPLY']._serialized_start=969
-  _globals['_HEALTHREPLY']._serialized_end=1152
-  _globals['_INFERENCE']._serialized_start=1155
-  _globals['_INFERENCE']._serialized_end=1326
+  _globals['_GENERATEREQUEST']._serialized_end=397
+  _globals['_EARLYEXIT']._serialized_start=399
+  _globals['_EARLYEXIT']._serialized_end=481
+  _globals['_TOPLOGPROB']._serialized_start=483
+  _globals['_TOPLOGPROB']._serialized_end=524
+  _globals['_LOGPROB']._serialized_start=526
+  _globals['_LOGPROB']._serialized_end=596
+  _globals['_TOKEN']._serialized_start=599
+  _globals['_TOKEN']._serialized_end=745
+  _globals['_EXITUSAGE']._serialized_start=748
+  _globals['_EXITUSAGE']._serialized_end=949
+  _globals['_EXITUSAGE_ANSWEREDENTRY']._serialized_start=902
+  _globals['_EXITUSAGE_ANSWEREDENTRY']._serialized_end=949
+  _globals['_USAGE']._serialized_start=951
+  _globals['_USAGE']._serialized_end=1008
+  _globals['_TIMINGS']._serialized_start=1010
+  _globals['_TIMINGS']._serialized_end=1089
+  _globals['_FINAL']._serialized_start=1092
+  _globals['_FINAL']._serialized_end=1271
+  _globals['_GENERATEEVENT']._serialized_start=1273
+  _globals['_GENERATEEVENT']._serialized_end=1383
+  _globals['_HEALTHREQUEST']._serialized_start=1385
+  _globals['_HEALTHREQUEST']._serialized_end=1400
+  _globals['_HEALTHREPLY']._serialized_start=1403
+  _globals['_HEALTHREPLY']._serialized_end=1627
+  _globals['_INFERENCE']._serialized_start=1630
+  _globals['_INFERENCE']._serialized_end=1801
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
-from edgefed.args import non_negative_int, positive_float
+from edgefed.args import non_negative_float, non_negative_int, positive_float, positive_int
 
 WEIGHTS = ("float32", "bfloat16", "int8")  # edge_node.shard.WEIGHTS
 
@@ -38,6 +38,15 @@ def add_parser(sub) -> None:
                    help="wait up to S seconds for every rank to run (0: return at once)")
     p.add_argument("--timeout", type=positive_float, default=600.0, help="deadline of the deploy call, seconds")
     p.add_argument("--json", action="store_true")
+    g = p.add_argument_group("early exit (the deployment's exit heads and cloud tier; requests pick their mode)")
+    g.add_argument("--exit-heads", metavar="PATH", help="exits.json from `edgefed train-exits` on the coordinator's "
+                   "machine (auto: the one beside the model); shipped to every rank")
+    g.add_argument("--exit-threshold", type=non_negative_float, help="in [0, 1]: the default threshold (0.9)")
+    g.add_argument("--exit-mode", choices=["standalone", "collaborative"], help="the default mode (standalone)")
+    g.add_argument("--exit-split", type=positive_int, help="k: the cloud tier runs [k, L) (default: the last exit "
+                   "layer)")
+    g.add_argument("--cloud", metavar="HOST:PORT", help="the cloud tier (`edgefed cloud-serve`), as the ranks reach "
+                   "it: collaborative early exit")
     p.set_defaults(run=run)
 
 
@@ -69,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.admin_key:
         raise ValueError("an admin key is needed: --admin-key KEY or $EDGEFED_ADMIN_KEY (`edgefed certs api-key "
                          "--admin`)")
-    dep = _call(args, "POST", "/admin/deployments",
-                {"model": args.model, "nodes": args.nodes, "weights": args.weights}, args.timeout)
+    body = {"model": args.model, "nodes": args.nodes, "weights": args.weights}
+    exits = {"exit_heads": args.exit_heads, "exit_threshold": args.exit_threshold, "exit_mode": args.exit_mode,
+             "exit_split": args.exit_split, "cloud": args.cloud}
+    body.update({k: v for k, v in exits.items() if v is not None})  # the coordinator names what lacks exit_heads
+    dep = _call(args, "POST", "/admin/deployments", body, args.timeout)
     deadline = time.monotonic() + args.wait
     while args.wait and dep["state"] not in ("running", "failed") and time.monotonic() < deadline:
         time.sleep(0.5)

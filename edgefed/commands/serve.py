@@ -7,7 +7,8 @@ Every rank of the group runs it with the same run configuration (shards, or a mo
 Rank 0 serves the Inference gRPC service on --listen (port 0: a free one) and, once the model is loaded and
 every rank has joined, writes {"address", "host", "port", "rank", "world", "tls", "pid", "config_sha256"} to
 --ready-file (ranks > 0 write theirs with "address": null). The run configuration's prompt_ids,
-max_new_tokens, sampling and logprobs are not used here: each request carries its own.
+max_new_tokens, sampling and logprobs are not used here: each request carries its own. A run configuration with
+`exits` (exit heads, cloud tier, split) also serves early-exit requests (each picks its mode and threshold).
 
 SIGTERM or SIGINT: the running request is cancelled at its next token, the group stopped, exit 0. A peer rank
 that dies fails the running request with UNAVAILABLE and the process exits 2.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from edgefed.args import (
     prompt_from_args,
     run_config,
 )
+from edgefed.commands.generate import add_early_exit_args
 
 _POLL_S = 0.05
 _SYMPTOMS = ("a rank is gone or stalled", "Connection reset by peer", "Connection closed by peer")
@@ -57,6 +59,7 @@ def add_parser(sub) -> None:
                    "(what the local launcher passes; the generation flags are then ignored)")
     add_generation_args(p, model_required=False, prompt_required=False)  # a prompt or --run-config
     add_prefill_args(p)  # rank 0 prefills on ONNX Runtime from graphs exported ahead (--graph-dir)
+    add_early_exit_args(p)  # as `generate`'s; "auto" heads: the exits.json in the shard directory
     p.set_defaults(run=run)
 
 
@@ -67,7 +70,25 @@ def config_from_args(args: argparse.Namespace):
                          "`edgefed prefill --model DIR --graph-dir G ...` (the ranks hold no whole model to export)")
     prompt, _ = prompt_from_args(args, args.shards)
     # chunk and context are the exported graphs' own: rank 0 reads them from the graph directory
-    return run_config(args, prompt, prefill_from_args(args, args.chunk), shards=str(args.shards))
+    cfg = run_config(args, prompt, prefill_from_args(args, args.chunk), shards=str(args.shards))
+    exits = exit_options(args)
+    return cfg if exits is None else dataclasses.replace(cfg, exits=exits)
+
+
+def exit_options(args: argparse.Namespace):
+    """The early-exit options of the flags (as `generate --exits`), None when exits are off."""
+    from edge_node.run_config import EarlyExitOptions
+
+    if args.exits is None and args.exit_mode != "collaborative":
+        return None
+    opts = EarlyExitOptions(args.exits, args.threshold, args.exit_criterion, args.exit_mode, args.cloud,
+                            args.split, args.codec, args.cloud_timeout)
+    if args.exits is not None:  # checked here, before any rank starts, so a bad file is one clear error
+        from edge_node.early_exit import load_exit_heads
+        from edge_node.model.config import ModelConfig
+
+        load_exit_heads(args.shards if args.exits == "auto" else args.exits, ModelConfig.from_dir(args.shards))
+    return opts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,6 +140,13 @@ def _output(args: argparse.Namespace, result: dict) -> None:
 def _print_text(args: argparse.Namespace, r: dict) -> None:
     """Prompt and continuation on stdout (ids when there is no tokenizer), timings on stderr."""
     print((args.prompt or "") + r["text"] if r["text"] or args.prompt else ",".join(map(str, r["token_ids"])))
+    if "exit_mode" in r:  # early exit: where the tokens were answered instead of the per-step split
+        print(f"\n[{len(r['token_ids'])} tokens, stop: {r['stop_reason']}, {r['nodes']} ranks, {r['exit_mode']}: "
+              f"{r['usage']}, cloud: {r['cloud']}] {r['tpot_ms']:.2f} ms/token, peak RSS per rank "
+              f"{r['per_rank_peak_rss_mb']} MB" + (f"\n[the cloud tier was {r['cloud']}: {r['cloud_error']}; the "
+                                                    f"edge answered alone]" if r["cloud_error"] else ""),
+              file=sys.stderr)
+        return
     mean = r.get("per_token_mean", {})
     print(f"\n[{len(r['token_ids'])} tokens, stop: {r['stop_reason']}, {r['nodes']} ranks] "
           f"time to first token {r['ttft_ms']:.1f} ms, {r['tpot_ms']:.2f} ms/token "

@@ -30,7 +30,7 @@ SAMPLES = [
     Stop(reason="rank 2 lost"),
     RankStats(rank=3, peak_rss_mb=812.5, bytes_read=10**12, bytes_per_pass=4096, window=2,
               disk_read_bytes=77, config_sha256="ab" * 32),
-    Reset(request="req-7"),
+    Reset(request="req-7", exit_end=20),
     Ping(),
 ]
 
@@ -155,6 +155,7 @@ def test_missing_and_unexpected_fields_are_named():
     (lambda: KVTransfer(length=-1), r"KVTransfer\.length: must be >= 0"),
     (lambda: KVTransfer(layers=(-1, 2)), r"KVTransfer\.layers"),
     (lambda: RankStats(rank=-1), r"RankStats\.rank: must be >= 0"),
+    (lambda: Reset(exit_end=-1), r"Reset\.exit_end: must be >= 0"),
     (lambda: Step(pos0=1.0), r"Step\.pos0: expected int, got float"),
 ])
 def test_invalid_message_cannot_be_built(make, match):

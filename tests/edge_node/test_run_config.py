@@ -11,7 +11,7 @@ import pytest
 
 from edge_node.model import SamplingConfig
 from edge_node.model.errors import UsageError
-from edge_node.run_config import RunConfig
+from edge_node.run_config import EarlyExitOptions, RunConfig
 from edge_node.shard import write_shards
 from edgefed.cli import build_parser
 from edgefed.commands.tp_generate import config_from_args
@@ -29,9 +29,17 @@ EVERYTHING = RunConfig(
 def test_every_field_survives_the_json_round_trip():
     default = RunConfig(shards="/s")
     assert all(getattr(EVERYTHING, f.name) != getattr(default, f.name) for f in fields(RunConfig)
-               if f.name not in ("model", "shards", "window"))  # the example really sets every option
+               if f.name not in ("model", "shards", "window", "exits"))  # the example really sets every option
     assert RunConfig.from_json(EVERYTHING.to_json()) == EVERYTHING
     assert RunConfig.from_json(EVERYTHING.to_json()).sha256 == EVERYTHING.sha256
+
+
+def test_early_exit_options_survive_the_json_round_trip():
+    # early exit runs with every layer resident and torch prefill: its own example
+    exits = EarlyExitOptions("/h/exits.json", 0.5, "margin", "collaborative", "cloud:7000", 20, "int8", 3.0, (10, 20))
+    assert all(getattr(exits, f.name) != getattr(EarlyExitOptions(), f.name) for f in fields(EarlyExitOptions))
+    run = RunConfig(shards="/s", threads=1, exits=exits)
+    assert RunConfig.from_json(run.to_json()) == run and RunConfig.from_json(run.to_json()).sha256 == run.sha256
 
 
 @pytest.mark.parametrize("text, message", [
@@ -40,6 +48,13 @@ def test_every_field_survives_the_json_round_trip():
     ('{"shards": "/s", "prefill": {"chunck": 32}}', "prefill: unknown field.*chunck"),
     ('{"model": "/m", "shards": "/s"}', "exactly one of a model directory and a shard directory"),
     ("[1, 2]", "expected a JSON object"),
+    ('{"shards": "/s", "exits": {"exits": "auto", "treshold": 0.5}}', "exits: unknown field.*treshold"),
+    ('{"shards": "/s", "exits": {"exits": "auto", "threshold": 1.5}}', r"exit threshold must be in \[0, 1\]"),
+    ('{"shards": "/s", "exits": {"exits": "auto", "mode": "collaborative"}}', "needs the cloud tier's address"),
+    ('{"shards": "/s", "exits": {"exits": "auto", "split": 0}}', "split k must be a layer index"),
+    ('{"shards": "/s", "window": 2, "exits": {"exits": "auto"}}', "every layer resident"),
+    ('{"shards": "/s", "logprobs": 2, "exits": {"exits": "auto"}}', "not reported with early exit"),
+    ('{"shards": "/s", "timeout_s": 5, "exits": {"exits": "auto", "cloud": "c:1"}}', "shorter than the ranks'"),
 ])
 def test_a_bad_run_configuration_is_named(text, message):
     with pytest.raises(UsageError, match=message):

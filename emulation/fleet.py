@@ -21,7 +21,9 @@ import psutil
 from emulation.cgroups import Cgroup, cgroup_version, create_cgroup
 from emulation.cleanup import Cleanup
 from emulation.network import NetPlan, Network, link_env, netem_available, plan_network
-from emulation.scenario import Scenario
+from emulation.scenario import Node, Scenario
+
+CLOUD = "cloud"  # the cloud tier's processes run under this name (on its own host, or in the coordinator's)
 
 
 def isolation_unavailable() -> str | None:
@@ -81,9 +83,10 @@ class Fleet:
     def build(self) -> Fleet:
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.mode == "isolated":
-            self.plan = plan_network(self.prefix, self.sc.nodes, netem=netem_available())
+            cloud = cloud_host(self.sc)
+            self.plan = plan_network(self.prefix, self.sc.nodes, netem=netem_available(), cloud=cloud)
             self.net = Network(self.plan, self.cleanup).build()
-            for n in self.sc.nodes:
+            for n in (*self.sc.nodes, *([cloud] if cloud else [])):
                 cg = create_cgroup(f"{self.prefix}-{n.name}", n.memory_mb, n.cpu_quota)
                 self.cleanup.add(f"cgroup {cg.name}", cg.remove)
                 self.cgroups[n.name] = cg
@@ -92,21 +95,28 @@ class Fleet:
         self.cleanup.add("sampler", self._stop.set)
         return self
 
+    def host_of(self, name: str) -> str:
+        """Whose namespace `name` runs in: the cloud tier's may be the coordinator's."""
+        if name == CLOUD and self.sc.cloud is not None and self.sc.cloud.host == "coordinator":
+            return "coordinator"
+        return name
+
     def ip(self, name: str) -> str:
-        """The address other processes reach `name` ("coordinator" or a node) at."""
+        """The address other processes reach `name` ("coordinator", "cloud" or a node) at."""
         if self.plan is None:
             return "127.0.0.1"
-        return self.plan.coordinator.ip if name == "coordinator" else self.plan.of(name).ip
+        host = self.host_of(name)
+        return self.plan.coordinator.ip if host == "coordinator" else self.plan.of(host).ip
 
     def start(self, name: str, role: str, argv: list[str], env: dict[str, str] | None = None) -> NodeProc:
         """Start a process as `name` (a node or "coordinator"): in its namespace and cgroup when isolated,
         with its link injected when netem is absent. Registered for cleanup before it can outlive us."""
         penv = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         cg = self.cgroups.get(name)
-        if name != "coordinator":
+        if name not in ("coordinator", CLOUD):
             penv.update(link_env(self.plan, name) if self.plan else _loopback_link_env(self.sc, name))
         if self.net is not None:
-            argv = [*self.net.exec_argv(name), *argv]
+            argv = [*self.net.exec_argv(self.host_of(name)), *argv]
         log = self.logs / f"{name}.{role}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=penv,
@@ -166,9 +176,18 @@ class Fleet:
         return self.net.counters(name) if self.net is not None else None
 
     def _sample(self, every_s: float = 0.5) -> None:
+        names = [n.name for n in self.sc.nodes] + ([CLOUD] if self.sc.cloud is not None else [])
         while not self._stop.wait(every_s):
-            for n in self.sc.nodes:
-                self.samples.add(n.name, self.memory_mb(n.name))
+            for name in names:
+                self.samples.add(name, self.memory_mb(name))
+
+
+def cloud_host(sc: Scenario) -> Node | None:
+    """The cloud tier's own host as a node (its caps and link), or None (no tier, or in the coordinator's)."""
+    c = sc.cloud
+    if c is None or c.host != "cloud":
+        return None
+    return Node(CLOUD, c.memory_mb, c.cpu_quota, c.bandwidth_mbit, c.latency_ms, c.jitter_ms)
 
 
 def _tree_rss(pid: int) -> int:

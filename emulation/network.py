@@ -40,26 +40,30 @@ class NetPlan:
     prefix: str
     hub_ns: str
     bridge: str
-    subnet: str  # "10.a.b": hosts are .1 (coordinator), .10 + i (nodes)
+    subnet: str  # "10.a.b": hosts are .1 (coordinator), .2 (the cloud tier's own host), .10 + i (nodes)
     coordinator: NodeNet
     nodes: tuple[NodeNet, ...]
     latency_mode: str  # "netem" or "injected"
+    cloud: NodeNet | None = None  # the cloud tier's host, when it has one (named "cloud")
 
     def of(self, name: str) -> NodeNet:
-        for n in self.nodes:
+        for n in (*self.nodes, *([self.cloud] if self.cloud else [])):
             if n.name == name:
                 return n
         raise KeyError(name)
 
 
-def plan_network(prefix: str, nodes: tuple[Node, ...], netem: bool, subnet: str | None = None) -> NetPlan:
-    """Pure: names and addresses for a run (the coordinator gets an uncapped link of its own)."""
+def plan_network(prefix: str, nodes: tuple[Node, ...], netem: bool, subnet: str | None = None,
+                 cloud: Node | None = None) -> NetPlan:
+    """Pure: names and addresses for a run (the coordinator gets an uncapped link of its own; `cloud`, a Node
+    named "cloud", a shaped link like a node's)."""
     subnet = subnet or f"10.{random.randrange(0, 255)}.{random.randrange(0, 256)}"  # 10.255.*.* left alone
     coord = NodeNet("coordinator", f"{prefix}-coord", f"{subnet}.1", f"{prefix}c",
                     Node(name="coordinator", memory_mb=1 << 20, cpu_quota=1.0, bandwidth_mbit=10_000))
     nets = tuple(NodeNet(n.name, f"{prefix}-n{i}", f"{subnet}.{10 + i}", f"{prefix}v{i}", n)
                  for i, n in enumerate(nodes))
-    return NetPlan(prefix, f"{prefix}-hub", "br0", subnet, coord, nets, "netem" if netem else "injected")
+    cloud_net = None if cloud is None else NodeNet("cloud", f"{prefix}-cloud", f"{subnet}.2", f"{prefix}k", cloud)
+    return NetPlan(prefix, f"{prefix}-hub", "br0", subnet, coord, nets, "netem" if netem else "injected", cloud_net)
 
 
 @functools.cache
@@ -111,7 +115,7 @@ class Network:
         sh("ip", "-n", p.hub_ns, "link", "add", p.bridge, "type", "bridge")
         sh("ip", "-n", p.hub_ns, "link", "set", "lo", "up")
         sh("ip", "-n", p.hub_ns, "link", "set", p.bridge, "up")
-        for n in (p.coordinator, *p.nodes):
+        for n in (p.coordinator, *p.nodes, *([p.cloud] if p.cloud else [])):
             self._attach(n)
         return self
 

@@ -3,11 +3,14 @@
 The report is a plain dict (JSON-ready) with these parts, each optional except `run`:
   run       scenario name, mode (isolated / loopback) and why, latency mode (netem / injected), wall time, notes,
             deployments (each one the coordinator made, re-plans included: state, detail, its ranks' nodes)
-  requests  per request: start_s, ttft_ms, ms_per_token, tokens_per_s, tokens, exit ("edge" / "cloud" / None), error
+  requests  per request: start_s, ttft_ms, ms_per_token, tokens_per_s, tokens, error, and with early exit `exits`:
+            tokens answered at the edge, at the cloud, and at the edge because the cloud was unreachable
+            ("fallback"), the cloud's status (used / lost / unreachable / none) and its error
   nodes     per node: caps, peak_memory_mb, memory_mb ([t_s, MB] samples), tx_bytes / rx_bytes, ended (how)
   per_token per decoded token: compute_ms, comm_ms, io_wait_ms
   rounds    per federated round: round, perplexity, bytes, wall_s
   faults    per fault: at_s, kind, node (for a fault given by rank: the node that held it), rank, applied_s, result
+  cloud     the cloud tier: host, address, split k, link (and how it is emulated), peak memory, its /metrics figures
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import json
 import math
 from pathlib import Path
 
-PLOTS = ("latency_cdf", "memory", "per_token", "throughput", "perplexity")
+PLOTS = ("latency_cdf", "memory", "per_token", "throughput", "perplexity", "exit_split")
+SPLIT = (("edge", "at the edge"), ("cloud", "at the cloud"), ("fallback", "at the edge, cloud unreachable"))
 
 
 def summary(report: dict) -> dict:
     """Headline figures of a run (pure)."""
     reqs = report.get("requests", [])
     ok = [r for r in reqs if not r.get("error")]
-    exits = [r.get("exit") for r in ok if r.get("exit")]
+    split = [r["exits"] for r in ok if r.get("exits")]
 
     def pct(values: list[float], q: float) -> float | None:
         if not values:
@@ -46,7 +50,9 @@ def summary(report: dict) -> dict:
         "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p95": pct(ttft, 0.95),
         "ms_per_token_p50": pct(mspt, 0.5), "ms_per_token_p95": pct(mspt, 0.95),
         "tokens": tokens, "tokens_per_s": round(tokens / wall, 2) if wall else None,
-        "edge_exits": exits.count("edge"), "cloud": exits.count("cloud"),
+        "tokens_edge": sum(x.get("edge", 0) for x in split), "tokens_cloud": sum(x.get("cloud", 0) for x in split),
+        "tokens_cloud_unreachable": sum(x.get("fallback", 0) for x in split),
+        "requests_cloud_unreachable": sum(1 for x in split if x.get("cloud_status") in ("lost", "unreachable")),
         "oom_kills": sorted(n for n, v in report.get("nodes", {}).items() if "OOM" in (v.get("ended") or "")),
     }
 
@@ -59,7 +65,9 @@ def console_table(report: dict) -> str:
              + f", latency {run.get('latency_mode', '?')}, {run.get('wall_s', 0):.1f} s",
              f"requests {s['ok']}/{s['requests']} ok, {s['errors']} errors; TTFT p50 {_f(s['ttft_ms_p50'])} ms "
              f"p95 {_f(s['ttft_ms_p95'])} ms; {_f(s['ms_per_token_p50'])} ms/token p50; "
-             f"{_f(s['tokens_per_s'])} tokens/s; exits edge {s['edge_exits']} / cloud {s['cloud']}"]
+             f"{_f(s['tokens_per_s'])} tokens/s"]
+    if report.get("run", {}).get("early_exit"):
+        lines.append(exit_line(report["run"]["early_exit"], s))
     rows = [("node", "cap MB", "peak MB", "sent KB", "recv KB", "ended")]
     for name, n in report.get("nodes", {}).items():
         caps = n.get("caps", {})
@@ -72,12 +80,35 @@ def console_table(report: dict) -> str:
         lines.append(f"fault at {f['at_s']:g} s: {f['kind']} {f.get('node') or ''}{rank} -> {f.get('result', '')}")
     if report.get("faults"):
         lines.append(f"after the first fault: {s['after_fault_ok']}/{s['after_fault']} requests ok")
+    if report.get("cloud"):
+        lines.append(cloud_line(report["cloud"]))
     for d in run.get("deployments", []):
         lines.append(f"deployment {d['deployment_id']} on {', '.join(d['nodes']) or '-'}: {d['state']}"
                      + (f" ({d['detail']})" if d.get("detail") else ""))
     for note in run.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def exit_line(ee: dict, s: dict) -> str:
+    """The early-exit summary line: where the tokens were answered."""
+    if not ee.get("applied"):
+        return f"early exit ({ee.get('mode')}, threshold {_f(ee.get('threshold'))}): not applied"
+    total = s["tokens_edge"] + s["tokens_cloud"] + s["tokens_cloud_unreachable"]
+    share = (lambda n: f" ({n / total:.0%})") if total else (lambda n: "")
+    return (f"early exit ({ee['mode']}, threshold {_f(ee['threshold'])}): tokens at the edge {s['tokens_edge']}"
+            f"{share(s['tokens_edge'])}, at the cloud {s['tokens_cloud']}{share(s['tokens_cloud'])}, at the edge "
+            f"with the cloud unreachable {s['tokens_cloud_unreachable']}{share(s['tokens_cloud_unreachable'])} "
+            f"({s['requests_cloud_unreachable']} request(s))")
+
+
+def cloud_line(c: dict) -> str:
+    m = c.get("metrics") or {}
+    used = f"{m['memory_used_bytes'] / 2**20:.1f} of {m['memory_bound_bytes'] / 2**20:.0f} MB bound, " \
+        if "memory_used_bytes" in m and "memory_bound_bytes" in m else ""
+    figures = f"{used}{_f(m.get('requests'))} requests" if m else c.get("metrics_error", "no /metrics")
+    return (f"cloud tier at {c.get('address')} (layers [{c.get('split')}, L)), peak {_f(c.get('peak_memory_mb'))} "
+            f"MB, {figures}; {c.get('ended') or 'running to the end'}")
 
 
 def _f(v) -> str:
@@ -195,6 +226,26 @@ def _plot_throughput(ax, report: dict) -> bool:
     return True
 
 
+def _plot_exit_split(ax, report: dict) -> bool | None:
+    reqs = [r for r in report.get("requests", []) if r.get("exits")]
+    ax.set_title("where each request's tokens were answered")
+    ax.set_xlabel("request")
+    ax.set_ylabel("tokens")
+    if not report.get("run", {}).get("early_exit", {}).get("applied"):
+        return None
+    if not reqs:
+        return False
+    x = [r["index"] for r in reqs]
+    bottom = [0] * len(reqs)
+    for key, label in SPLIT:
+        ys = [r["exits"].get(key, 0) for r in reqs]
+        ax.bar(x, ys, bottom=bottom, label=label)
+        bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+    ax.set_ylim(0, max(max(bottom), 1) * 1.4)  # room for the legend above the bars
+    ax.legend(fontsize="small", ncols=3, loc="upper center")
+    return True
+
+
 def _plot_perplexity(ax, report: dict) -> bool | None:
     rounds = [r for r in report.get("rounds", []) if r.get("perplexity") is not None]
     ax.set_title("perplexity over federated rounds")
@@ -217,6 +268,17 @@ def page(report: dict, images: list[str]) -> str:
         f"<tr><td>{esc(name)}</td><td>{esc(_f(n.get('caps', {}).get('memory_mb')))}</td>"
         f"<td>{esc(_f(n.get('peak_memory_mb')))}</td><td>{_kb(n.get('tx_bytes'))}</td><td>{_kb(n.get('rx_bytes'))}</td>"
         f"<td>{esc(n.get('ended') or 'running to the end')}</td></tr>" for name, n in report.get("nodes", {}).items())
+    split = "".join(
+        f"<tr><td>{r['index']}</td><td>{esc(r.get('phase', ''))}</td>"
+        + "".join(f"<td>{r['exits'].get(k, 0)}</td>" for k, _ in SPLIT)
+        + f"<td>{esc(r['exits'].get('cloud_status', ''))}</td><td>{esc(r['exits'].get('cloud_error', ''))}</td></tr>"
+        for r in report.get("requests", []) if r.get("exits"))
+    ee = run.get("early_exit")
+    exits = "" if not ee else (
+        f"<h2>early exit</h2><p>{esc(exit_line(ee, s))}</p>"
+        + (f"<p>{esc(cloud_line(report['cloud']))}</p>" if report.get("cloud") else "")
+        + "<table><tr><th>request</th><th>phase</th>" + "".join(f"<th>{esc(lbl)}</th>" for _, lbl in SPLIT)
+        + f"<th>cloud</th><th>cloud error</th></tr>{split}</table>")
     figs = "".join(f'<figure><img src="{esc(i)}" alt="{esc(i)}"><figcaption>{esc(i)}</figcaption></figure>'
                    for i in images)
     return f"""<!doctype html>
@@ -228,6 +290,7 @@ img{{width:480px}}</style></head>
 <p id="shown">plots not yet loaded</p>
 <h2>run</h2><table>{run_rows}</table>
 <h2>summary</h2><table>{sum_rows}</table>
+{exits}
 <h2>plots</h2>{figs}
 <h2>nodes</h2><table><tr><th>node</th><th>cap MB</th><th>peak MB</th><th>sent KB</th><th>recv KB</th><th>ended</th></tr>
 {nodes}</table>

@@ -21,6 +21,8 @@ FAULT_KINDS = ("kill_node", "cut_link", "restart_coordinator")
 ALLREDUCE = ("star", "gloo")
 WEIGHTS = ("float32", "bfloat16", "int8")
 STRATEGIES = ("fedavg", "ffa-lora", "hetlora", "fedcompass")
+EXIT_MODES = ("standalone", "collaborative")
+CLOUD_HOSTS = ("coordinator", "cloud")
 
 
 class ScenarioError(UsageError):
@@ -51,8 +53,24 @@ class Deployment:
     memory_budget_mb: float | None = None  # ... or the budget the window is derived from
     weights: str = "float32"
     onnx_prefill: bool = False
-    early_exit: bool = False
-    cloud_tier: bool = False
+    # early exit: on when exit_heads names an exits.json (`edgefed train-exits`; relative: to the current directory)
+    exit_heads: str | None = None
+    exit_threshold: float = 0.9  # a token leaves when its head's max probability is strictly above this
+    exit_mode: str = "standalone"  # | "collaborative": unconfident tokens go on to the [cloud] tier
+
+
+@dataclass(frozen=True)
+class Cloud:
+    """The cloud tier (`edgefed cloud-serve`, layers [k, L) with k the heads' last exit layer) and its link."""
+
+    host: str = "cloud"  # "cloud": a host of its own (namespace, link, caps); "coordinator": in the coordinator's
+    memory_mb: int = 2048  # its own host's caps
+    cpu_quota: float = 1.0
+    bandwidth_mbit: float = 50.0  # its link, each direction
+    latency_ms: float = 10.0  # one-way
+    jitter_ms: float = 0.0
+    max_mb: float = 256.0  # bound on KV + queued hidden states over all sessions
+    session_ttl_s: float = 120.0  # an idle session expires after this
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ class Federated:
 class Fault:
     at_s: float
     kind: str
-    node: str | None = None  # kill_node, cut_link: this node
+    node: str | None = None  # kill_node, cut_link: this node ("cloud": the cloud tier's own host)
     rank: int | None = None  # or the node that holds this rank of the served deployment when the fault fires
     duration_s: float = 0.0  # cut_link: how long the link stays down
 
@@ -92,6 +110,7 @@ class Scenario:
     deployment: Deployment = field(default_factory=Deployment)
     workload: Workload = field(default_factory=Workload)
     federated: Federated | None = None
+    cloud: Cloud | None = None
     faults: tuple[Fault, ...] = ()
     source: str = ""  # the file it was read from
 
@@ -128,7 +147,7 @@ def parse_scenario(raw: dict, source: str = "<scenario>") -> Scenario:
     faults_raw = raw.get("faults", [])
     if not isinstance(faults_raw, list):
         raise ScenarioError(f"{source}: faults: expected [[faults]] tables")
-    fed = raw.get("federated")
+    fed, cloud = raw.get("federated"), raw.get("cloud")
     sc = Scenario(
         name=_typed(top["name"], str, source, "top level", "name"),
         description=_typed(top.get("description", ""), str, source, "top level", "description"),
@@ -137,6 +156,7 @@ def parse_scenario(raw: dict, source: str = "<scenario>") -> Scenario:
         deployment=_build(Deployment, raw.get("deployment", {}), source, "deployment"),
         workload=_build(Workload, raw.get("workload", {}), source, "workload"),
         federated=None if fed is None else _build(Federated, fed, source, "federated"),
+        cloud=None if cloud is None else _build(Cloud, cloud, source, "cloud"),
         faults=tuple(_build(Fault, f, source, f"faults[{i}]") for i, f in enumerate(faults_raw)),
         source=source,
     )
@@ -144,7 +164,7 @@ def parse_scenario(raw: dict, source: str = "<scenario>") -> Scenario:
     return sc
 
 
-_TABLES = ("nodes", "model", "deployment", "workload", "federated", "faults")
+_TABLES = ("nodes", "model", "deployment", "workload", "federated", "cloud", "faults")
 
 
 def _reject_unknown(raw: dict, cls: type, source: str, table: str, exclude: set[str] = frozenset()) -> None:
@@ -220,6 +240,7 @@ def _check(sc: Scenario, source: str) -> None:
             raise bad("deployment", name, f"must be one of {', '.join(allowed)}, got {value!r}")
     if d.window is not None and d.memory_budget_mb is not None:
         raise bad("deployment", "window", "give a window or memory_budget_mb, not both")
+    _check_exits(sc, bad)
     w = sc.workload
     for name in ("max_tokens", "concurrency", "requests"):
         if getattr(w, name) < 1:
@@ -255,10 +276,50 @@ def _check(sc: Scenario, source: str) -> None:
             if not 0 <= f.rank < sc.deployment.tensor_parallel:
                 raise bad(t, "rank", f"must be in 0..{sc.deployment.tensor_parallel - 1} "
                           f"([deployment] tensor_parallel = {sc.deployment.tensor_parallel}), got {f.rank}")
-        elif f.node not in names:
-            raise bad(t, "node", f"no node named {f.node!r} (nodes: {', '.join(names)})")
+        elif f.node not in names and not (f.node == "cloud" and sc.cloud is not None and sc.cloud.host == "cloud"):
+            hint = "; 'cloud' needs [cloud] host = \"cloud\"" if f.node == "cloud" else ""
+            raise bad(t, "node", f"no node named {f.node!r} (nodes: {', '.join(names)}{hint})")
         if f.kind == "cut_link" and f.duration_s <= 0:
             raise bad(t, "duration_s", "cut_link needs a duration_s above 0")
+
+
+def _check_exits(sc: Scenario, bad) -> None:
+    d, c = sc.deployment, sc.cloud
+    if d.exit_mode not in EXIT_MODES:
+        raise bad("deployment", "exit_mode", f"must be one of {', '.join(EXIT_MODES)}, got {d.exit_mode!r}")
+    if not 0 <= d.exit_threshold <= 1:
+        raise bad("deployment", "exit_threshold", f"must be in [0, 1], got {d.exit_threshold}")
+    if d.exit_heads is None and (d.exit_mode != "standalone" or c is not None):
+        raise bad("deployment", "exit_heads", "early exit needs exit heads (an exits.json from `edgefed train-exits`)"
+                  + (" for exit_mode collaborative" if d.exit_mode != "standalone" else " to use the [cloud] tier"))
+    if d.exit_heads is not None and (d.onnx_prefill or d.window is not None or d.memory_budget_mb is not None):
+        raise bad("deployment", "exit_heads", "early exit runs with every layer resident and torch prefill: drop "
+                  "onnx_prefill, window and memory_budget_mb")
+    if (d.exit_mode == "collaborative") != (c is not None):
+        raise bad("deployment" if c is None else "cloud", "exit_mode" if c is None else "host",
+                  "exit_mode collaborative needs a [cloud] table" if c is None else
+                  f"a [cloud] tier serves exit_mode collaborative only, got exit_mode {d.exit_mode!r}")
+    if c is None:
+        return
+    if c.host not in CLOUD_HOSTS:
+        raise bad("cloud", "host", f"must be one of {', '.join(CLOUD_HOSTS)}, got {c.host!r}")
+    if c.host == "cloud" and any(n.name == "cloud" for n in sc.nodes):
+        raise bad("cloud", "host", "a node is named 'cloud': rename it or put the tier on the coordinator")
+    for f, low in (("memory_mb", 64), ("cpu_quota", 0.01), ("bandwidth_mbit", 0.01), ("max_mb", 1),
+                   ("session_ttl_s", 1)):
+        if getattr(c, f) < low:
+            raise bad("cloud", f, f"must be at least {low}, got {getattr(c, f)}")
+    for f in ("latency_ms", "jitter_ms"):
+        if getattr(c, f) < 0:
+            raise bad("cloud", f, f"must not be negative, got {getattr(c, f)}")
+
+
+def exit_heads_path(sc: Scenario) -> Path | None:
+    """The deployment's exits.json (a directory: its exits.json), relative to the current directory."""
+    if sc.deployment.exit_heads is None:
+        return None
+    path = Path(sc.deployment.exit_heads)
+    return path / "exits.json" if path.is_dir() else path
 
 
 def prompts_of(sc: Scenario) -> list[str]:

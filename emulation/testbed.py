@@ -24,10 +24,11 @@ import httpx
 
 from edge_node.model.errors import EdgefedError
 from emulation.cleanup import Cleanup, run_prefix
+from emulation.cloud_tier import CloudTier, exit_split
 from emulation.federated_phase import run_federated
 from emulation.fleet import Fleet, NodeProc
 from emulation.report import console_table, write_report
-from emulation.scenario import Fault, Scenario, prompts_of
+from emulation.scenario import Fault, Scenario, exit_heads_path, prompts_of
 from emulation.workload import plan_requests, run_workload
 
 COORD_PORT, HTTP_PORT = 7070, 8080  # inside the coordinator's fresh namespace nothing else listens
@@ -83,6 +84,8 @@ class Run:
         self.probe_result: dict | None = None
         self.rounds: list[dict] = []
         self.final_deployments: list[dict] = []
+        self.cloud: CloudTier | None = None
+        self.early_exit: dict | None = None  # what each request sends, once the deploy applied the exit heads
 
     # --- processes -----------------------------------------------------------------------------------------
     def start_coordinator(self) -> None:
@@ -135,18 +138,34 @@ class Run:
         r.raise_for_status()
         return r.json()
 
+    def start_cloud(self) -> None:
+        """The cloud tier before the deploy: the edge's rank 0 is told its address."""
+        self.cloud = CloudTier(self.sc, self.fleet, exit_split(self.sc), _free_port).start(
+            str(Path(self.sc.model.path).resolve()))
+        self.notes.append(self.cloud.link.label + f"; edge layers [0, {self.cloud.split}), cloud the rest")
+
+    def exit_argv(self) -> list[str]:
+        """`edgefed deploy`'s early-exit flags ([]: early exit off); requests then send the `early_exit` field."""
+        d = self.sc.deployment
+        if d.exit_heads is None:
+            return []
+        argv = ["--exit-heads", str(exit_heads_path(self.sc).resolve()), "--exit-threshold", f"{d.exit_threshold:g}",
+                "--exit-mode", d.exit_mode]
+        self.early_exit = {"mode": d.exit_mode, "threshold": d.exit_threshold}
+        return argv + (["--cloud", self.cloud.address] if self.cloud is not None else [])
+
     def deploy(self) -> str:
         d = self.sc.deployment
         model = str(Path(self.sc.model.path).resolve())
         argv = _edgefed("deploy", "--coordinator", f"http://{self.http_addr}", "--model", model, "--nodes",
                         str(d.tensor_parallel), "--weights", d.weights, "--admin-key", self.admin_key, "--wait",
-                        str(int(self.opts.deploy_timeout_s)), "--json")
+                        str(int(self.opts.deploy_timeout_s)), *self.exit_argv(), "--json")
         r = subprocess.run(argv, capture_output=True, text=True, timeout=self.opts.deploy_timeout_s + 60)
         if r.returncode != 0:
             raise TestbedError(f"edgefed deploy failed: {r.stderr.strip()[-800:]}")
         self.deployment = json.loads(r.stdout)
-        for flag, on in (("early_exit", d.early_exit), ("cloud_tier", d.cloud_tier), ("onnx_prefill", d.onnx_prefill),
-                         ("window", d.window is not None), ("memory_budget_mb", d.memory_budget_mb is not None)):
+        for flag, on in (("onnx_prefill", d.onnx_prefill), ("window", d.window is not None),
+                         ("memory_budget_mb", d.memory_budget_mb is not None)):
             if on:
                 self.notes.append(f"deployment.{flag} not applied: `edgefed deploy` has no option for it yet")
         models = self.admin("GET", "/v1/models")["data"]
@@ -205,13 +224,15 @@ class Run:
             threads.append(threading.Thread(target=self.progress, args=(stop, total), daemon=True, name="progress"))
         for t in threads:
             t.start()
-        run_workload(client, model, reqs, w.concurrency, w.rate_per_s, self.t0, self.requests)
+        run_workload(client, model, reqs, w.concurrency, w.rate_per_s, self.t0, self.requests,
+                     early_exit=self.early_exit)
         if self.sc.faults:
             while not faults_done.wait(STEP_S):
                 pass
             time.sleep(self.opts.settle_s)
             after = plan_requests(prompts, w.concurrency, w.max_tokens, "after faults", first=len(reqs))
-            run_workload(client, model, after, w.concurrency, 0.0, self.t0, self.requests)
+            run_workload(client, model, after, w.concurrency, 0.0, self.t0, self.requests,
+                         early_exit=self.early_exit)
 
     # --- faults --------------------------------------------------------------------------------------------
     def holder(self, rank: int) -> str:
@@ -282,8 +303,11 @@ class Run:
         while not stop.wait(every):
             mem = " ".join(f"{n.name} {self.fleet.memory_mb(n.name):.0f}/{n.memory_mb}MB" for n in self.sc.nodes)
             errs = sum(1 for r in self.requests if r.get("error"))
+            split = [r["exits"] for r in self.requests if r.get("exits")]
+            exits = (f" | tokens edge {sum(x['edge'] + x['fallback'] for x in split)} / cloud "
+                     f"{sum(x['cloud'] for x in split)}") if self.early_exit else ""
             line = (f"[testbed {time.monotonic() - self.t0:5.1f}s] requests {len(self.requests)}/{total} "
-                    f"({errs} errors) | faults {len(self.faults)}/{len(self.sc.faults)} | {mem}")
+                    f"({errs} errors){exits} | faults {len(self.faults)}/{len(self.sc.faults)} | {mem}")
             sys.stderr.write(("\r" + line + "\x1b[K") if tty else line + "\n")
             sys.stderr.flush()
         if tty:
@@ -314,10 +338,23 @@ class Run:
                "deployment": {k: self.deployment.get(k) for k in ("deployment_id", "state", "world")},
                "deployments": self.final_deployments,
                "error": error, "notes": self.notes}
+        d = self.sc.deployment
+        if d.exit_heads is not None:
+            run["early_exit"] = {"heads": d.exit_heads, "threshold": d.exit_threshold, "mode": d.exit_mode,
+                                 "applied": self.early_exit is not None}
         probe = self.probe_result or {}
         return {"run": run, "requests": sorted(self.requests, key=lambda r: r["index"]), "nodes": nodes,
                 "faults": self.faults, "per_token": probe.get("per_token") or [], "probe": probe or None,
-                "rounds": self.rounds}
+                "rounds": self.rounds, "cloud": self.cloud_report(shift)}
+
+    def cloud_report(self, shift: float) -> dict | None:
+        if self.cloud is None:
+            return None
+        samples = self.fleet.samples.memory.get("cloud", [])
+        link = self.fleet.link_bytes("cloud") if self.sc.cloud.host == "cloud" else None
+        return {**self.cloud.stats(), "peak_memory_mb": round(self.fleet.peak_mb("cloud"), 1),
+                "memory_mb": [(round(t - shift, 3), mb) for t, mb in samples],
+                **(link or {"tx_bytes": None, "rx_bytes": None})}
 
 
 def _kill(pid: int) -> None:
@@ -334,12 +371,12 @@ def _notes(sc: Scenario, fleet: Fleet) -> list[str]:
         notes.append("latency/jitter injected in the ranks' sends (edge_node.collectives; the kernel has no netem): "
                      "it applies to rank-to-rank traffic, not to the API or the node service; loss costs a lost "
                      "message a 200 ms retransmission timeout")
-    notes.append("edge/cloud exit split not reported: the API does not say where a token exited")
     return notes
 
 
 def check_model(sc: Scenario) -> None:
-    """The model exists and has enough key-value heads for the tensor-parallel ranks (before anything starts)."""
+    """The model exists and has enough key-value heads for the tensor-parallel ranks, and the exit heads say
+    where the edge ends (before anything starts)."""
     cfg = Path(sc.model.path) / "config.json"
     try:
         raw = json.loads(cfg.read_text())
@@ -349,6 +386,11 @@ def check_model(sc: Scenario) -> None:
     if isinstance(heads, int) and sc.deployment.tensor_parallel > heads:
         raise TestbedError(f"{sc.source}: [deployment] tensor_parallel: {sc.deployment.tensor_parallel} ranks, but "
                            f"{sc.model.path} has {heads} key-value heads (at most {heads} ranks)")
+    if sc.deployment.exit_heads is not None:
+        k, layers = exit_split(sc), raw.get("num_hidden_layers")
+        if isinstance(layers, int) and not 0 < k < layers:
+            raise TestbedError(f"{sc.source}: [deployment] exit_heads: exit layer {k} is not inside the "
+                               f"{layers}-layer model {sc.model.path}")
 
 
 def run_testbed(sc: Scenario, opts: TestbedOptions) -> dict:
@@ -373,6 +415,8 @@ def run_testbed(sc: Scenario, opts: TestbedOptions) -> dict:
             run.admin_key = run.mint("api-key", "--admin")
             run.start_agents(run.mint("token"))
             run.probe_result = run.probe(prompts[0])
+            if sc.cloud is not None:
+                run.start_cloud()
             run.serve(run.deploy(), prompts, stop)
             stop.set()
             run.final_deployments = run.deployments()

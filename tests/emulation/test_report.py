@@ -16,10 +16,13 @@ from emulation.report import PLOTS, console_table, summary, write_report
 def sample_report() -> dict:
     reqs = [{"start_s": i, "end_s": i + 2.0, "ttft_ms": 100.0 + 10 * i, "total_ms": 900.0 + 10 * i,
              "ms_per_token": 50.0 + i, "tokens_per_s": 1000 / (50 + i), "tokens": 16,
-             "exit": "edge" if i % 2 else "cloud", "error": None} for i in range(9)]
+             "index": i, "exits": {"edge": 10 + i % 2, "cloud": 6 - i % 2 - (i == 4), "fallback": int(i == 4),
+                                   "cloud_status": "lost" if i == 4 else "used"},
+             "error": None} for i in range(9)]
     reqs.append({"start_s": 9.0, "error": "HTTP 503: no deployment"})
     return {
-        "run": {"scenario": "unit", "mode": "isolated", "latency_mode": "injected", "wall_s": 12.0, "notes": ["n1"]},
+        "run": {"scenario": "unit", "mode": "isolated", "latency_mode": "injected", "wall_s": 12.0, "notes": ["n1"],
+                "early_exit": {"heads": "h.json", "threshold": 0.5, "mode": "collaborative", "applied": True}},
         "requests": reqs,
         "nodes": {"a": {"caps": {"memory_mb": 256}, "peak_memory_mb": 180.5,
                         "memory_mb": [[0.5 * i, 100 + 10 * i] for i in range(8)], "tx_bytes": 4096, "rx_bytes": 8192,
@@ -31,6 +34,8 @@ def sample_report() -> dict:
         "rounds": [{"round": 1, "perplexity": 40.0, "bytes": 1000, "wall_s": 3.0},
                    {"round": 2, "perplexity": 31.5, "bytes": 1000, "wall_s": 3.1}],
         "faults": [{"at_s": 5, "kind": "kill_node", "node": "b", "applied_s": 5.01, "result": "killed pid 1"}],
+        "cloud": {"address": "10.0.0.2:7072", "split": 4, "peak_memory_mb": 300.0, "ended": None,
+                  "metrics": {"memory_used_bytes": 3 * 2**20, "memory_bound_bytes": 256 * 2**20, "requests": 70.0}},
     }
 
 
@@ -39,7 +44,9 @@ def test_summary_counts_and_percentiles():
     assert (s["requests"], s["ok"], s["errors"]) == (10, 9, 1)
     assert s["ttft_ms_p50"] == 140.0 and s["ttft_ms_p95"] == 180.0
     assert s["tokens"] == 144 and s["tokens_per_s"] == 14.4  # over the 10 s the requests ran, not the run
-    assert (s["edge_exits"], s["cloud"]) == (4, 5)
+    # tokens: edge 10/11 alternating (4 requests of 11), cloud 6/5 (one of them lost the cloud: 1 fell back)
+    assert (s["tokens_edge"], s["tokens_cloud"], s["tokens_cloud_unreachable"]) == (94, 49, 1)
+    assert s["requests_cloud_unreachable"] == 1
     assert s["oom_kills"] == ["b"]
     assert (s["after_fault"], s["after_fault_ok"]) == (4, 3)  # started at 6, 7, 8 (ok) and 9 (failed) s
 
@@ -51,6 +58,9 @@ def test_console_table_names_nodes_faults_and_an_oom_kill():
     assert any(line.startswith("b ") and "OOM killer" in line for line in text.splitlines())
     assert "fault at 5 s: kill_node b" in text and "note: n1" in text
     assert "after the first fault: 3/4 requests ok" in text
+    assert ("early exit (collaborative, threshold 0.5): tokens at the edge 94 (65%), at the cloud 49 (34%), at the "
+            "edge with the cloud unreachable 1 (1%) (1 request(s))") in text
+    assert "cloud tier at 10.0.0.2:7072 (layers [4, L)), peak 300 MB, 3.0 of 256 MB bound, 70 requests" in text
 
 
 def test_console_table_names_the_rank_a_fault_hit_and_the_re_plan():
@@ -74,6 +84,7 @@ def test_files_are_written_and_readable(tmp_path):
         assert img.std() > 0.05  # something is drawn, not a blank canvas
     page = paths["html"].read_text()
     assert all(f'src="{name}.png"' in page for name in PLOTS)
+    assert "<h2>early exit</h2>" in page and "<td>4</td><td></td><td>10</td><td>5</td><td>1</td><td>lost</td>" in page
 
 
 def test_empty_run_still_writes_every_plot(tmp_path):

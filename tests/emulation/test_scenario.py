@@ -127,3 +127,61 @@ def test_prompt_file_is_read_relative_to_the_scenario(tmp_path):
     (tmp_path / "prompts.txt").write_text("first\n\nsecond\n")
     sc = load_scenario(write(tmp_path, GOOD + "[workload]\nprompt_file = \"prompts.txt\"\n"))
     assert prompts_of(sc) == ["first", "second"]
+
+
+EXITS = GOOD.replace("tensor_parallel = 2", 'tensor_parallel = 2\nexit_heads = "h.json"\nexit_threshold = 0.5\n'
+                     'exit_mode = "collaborative"') + "[cloud]\nhost = \"cloud\"\nlatency_ms = 20\n"
+
+
+def test_early_exit_and_the_cloud_tier(tmp_path):
+    sc = load_scenario(write(tmp_path, EXITS))
+    d, c = sc.deployment, sc.cloud
+    assert (d.exit_heads, d.exit_threshold, d.exit_mode) == ("h.json", 0.5, "collaborative")
+    assert c.host == "cloud" and c.latency_ms == 20.0 and c.bandwidth_mbit == 50.0 and c.max_mb == 256.0
+    standalone = load_scenario(write(tmp_path, EXITS.split("[cloud]")[0].replace("collaborative", "standalone")))
+    assert standalone.cloud is None and standalone.deployment.exit_mode == "standalone"
+    assert load_scenario(write(tmp_path, GOOD)).deployment.exit_heads is None  # early exit off by default
+    shipped = load_scenario(SCENARIOS / "default.toml")
+    assert shipped.deployment.exit_mode == "collaborative" and shipped.cloud is not None
+    assert (SCENARIOS.parent / shipped.deployment.exit_heads).is_file()
+
+
+@pytest.mark.parametrize("old, new, words", [
+    ("latency_ms = 20\n", "latency = 20\n", r"\[cloud\]: unknown field 'latency' \(known: bandwidth_mbit, "),
+    ('host = "cloud"', 'host = "moon"', r"\[cloud\] host: must be one of coordinator, cloud, got 'moon'"),
+    ("latency_ms = 20", "latency_ms = -1", r"\[cloud\] latency_ms: must not be negative, got -1.0"),
+    ("latency_ms = 20", "max_mb = 0", r"\[cloud\] max_mb: must be at least 1, got 0.0"),
+    ("latency_ms = 20", "session_ttl_s = '1m'", r"\[cloud\] session_ttl_s: expected a number, got '1m'"),
+    ('exit_mode = "collaborative"', 'exit_mode = "cloudy"', r"\[deployment\] exit_mode: must be one of standalone, "
+                                                            r"collaborative, got 'cloudy'"),
+    ('exit_mode = "collaborative"', 'exit_mode = "standalone"', r"\[cloud\] host: a \[cloud\] tier serves exit_mode "
+                                                                r"collaborative only"),
+    ("exit_threshold = 0.5", "exit_threshold = 1.5", r"\[deployment\] exit_threshold: must be in \[0, 1\], got 1.5"),
+    ('exit_heads = "h.json"', "exit_heads = 3", r"\[deployment\] exit_heads: expected a string, got 3"),
+    ('exit_heads = "h.json"', "", r"\[deployment\] exit_heads: early exit needs exit heads .* for exit_mode "
+                                  r"collaborative"),
+    ('exit_heads = "h.json"', 'exit_heads = "h.json"\nonnx_prefill = true', r"\[deployment\] exit_heads: early exit "
+                                                                            r"runs with every layer resident"),
+])
+def test_a_wrong_early_exit_or_cloud_field_is_named(tmp_path, old, new, words):
+    assert old in EXITS
+    with pytest.raises(ScenarioError, match=r"s\.toml: " + words):
+        load_scenario(write(tmp_path, EXITS.replace(old, new)))
+
+
+def test_collaborative_needs_a_cloud_table_and_the_cloud_host_name_is_free(tmp_path):
+    with pytest.raises(ScenarioError, match=r"\[deployment\] exit_mode: exit_mode collaborative needs a \[cloud\]"):
+        load_scenario(write(tmp_path, EXITS.split("[cloud]")[0]))
+    clash = EXITS.replace('name = "b"', 'name = "cloud"').replace('node = "b"', 'node = "cloud"')
+    with pytest.raises(ScenarioError, match=r"\[cloud\] host: a node is named 'cloud'"):
+        load_scenario(write(tmp_path, clash))
+    assert load_scenario(write(tmp_path, clash.replace('host = "cloud"', 'host = "coordinator"'))).cloud.host == \
+        "coordinator"
+
+
+def test_a_fault_may_hit_the_cloud_tier_on_its_own_host(tmp_path):
+    cut = EXITS.replace('kind = "kill_node"\nnode = "b"', 'kind = "cut_link"\nnode = "cloud"\nduration_s = 5')
+    assert load_scenario(write(tmp_path, cut)).faults[0].node == "cloud"
+    with pytest.raises(ScenarioError, match=r"\[faults\[0\]\] node: no node named 'cloud' \(nodes: a, b; 'cloud' "
+                                            r"needs \[cloud\] host = \"cloud\"\)"):
+        load_scenario(write(tmp_path, cut.replace('host = "cloud"', 'host = "coordinator"')))

@@ -205,3 +205,59 @@ def test_loopback_fallback_runs_the_same_scenario_and_says_so(tmp_path):
     assert report["nodes"]["a"]["peak_memory_mb"] > 50  # RSS of the agent and its rank
     assert len(report["per_token"]) == 8 and report["probe"]["on"] == ["a", "b"]
     assert _ours(tmp_path) == []  # the killed node's rank child too
+
+
+EXITS = ROOT / "models" / "edgefed-demo-exits" / "exits.json"
+EARLY_EXIT = f"""
+exit_heads = "{EXITS}"
+exit_threshold = 0.3
+exit_mode = "collaborative"
+"""
+CLOUD = """
+[cloud]
+host = "cloud"
+bandwidth_mbit = 50
+latency_ms = 5
+[[faults]]
+at_s = 12
+kind = "kill_node"
+node = "cloud"
+"""
+
+
+@pytest.mark.slow
+def test_early_exit_with_a_cloud_tier_and_the_edge_answering_alone_once_the_cloud_is_gone(tmp_path):
+    """The edge group answers confident tokens, the cloud tier (its own namespace, link and cgroup) the rest;
+    after the cloud's host is killed the service still answers, every token at the edge, and says so."""
+    _isolated()
+    sc = tmp_path / "cloud.toml"
+    sc.write_text(TWO_NODES.replace("tensor_parallel = 2\n", "tensor_parallel = 2\n" + EARLY_EXIT)
+                  .replace("requests = 4", "requests = 2") + CLOUD)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "edgefed", "testbed", "--scenario", str(sc), "--out", str(out),
+                        "--no-progress"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    run, reqs, s = report["run"], report["requests"], report["summary"]
+    assert run["early_exit"] == {"heads": str(EXITS), "threshold": 0.3, "mode": "collaborative", "applied": True}
+    assert leftovers(run["prefix"]) == NOTHING and _ours(tmp_path) == []
+    assert all(q["error"] is None and q["tokens"] == 8 for q in reqs), reqs
+    for q in reqs:  # every token answered somewhere, and said where
+        x = q["exits"]
+        assert x["edge"] + x["cloud"] + x["fallback"] == 8, q
+    killed = report["faults"][0]["applied_s"]
+    before = [q for q in reqs if q["end_s"] < killed]
+    after = [q for q in reqs if q["phase"] == "after faults"]
+    assert before and len(after) == 2
+    assert all(q["exits"]["cloud_status"] == "used" and q["exits"]["fallback"] == 0 for q in before)
+    assert sum(q["exits"]["cloud"] for q in before) >= 1  # the cloud answered the unconfident ones
+    for q in after:  # no cloud: the edge's head at k answers, and the response says why
+        assert q["exits"]["cloud_status"] in ("unreachable", "lost") and q["exits"]["cloud"] == 0, q
+        assert q["exits"]["fallback"] >= 1 and q["exits"].get("cloud_error")
+    assert s["tokens_edge"] + s["tokens_cloud"] + s["tokens_cloud_unreachable"] == s["tokens"]
+    cloud = report["cloud"]
+    assert cloud["host"] == "cloud" and cloud["split"] == 4 and cloud["ended"] == "killed by SIGKILL"
+    assert "injected by a TCP relay" in cloud["link"] and cloud["peak_memory_mb"] > 50
+    assert cloud["tx_bytes"] > 0 and cloud["rx_bytes"] > 0  # its own link's kernel counters
+    assert "early exit (collaborative, threshold 0.3): tokens at the edge" in r.stderr
+    assert (out / "exit_split.png").is_file() and "<h2>early exit</h2>" in (out / "index.html").read_text()

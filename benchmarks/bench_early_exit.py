@@ -69,13 +69,16 @@ def texts(split: str, stride: int):
         yield p.read_text(encoding="utf-8")
 
 
-def cached_hidden(name: str, model, tok, split: str, tokens: int, layers, cache_dir: Path) -> tuple[HiddenCache, list]:
-    """Hidden states (and the token ids they came from), computed once and kept in cache_dir."""
-    path = cache_dir / f"{name}-{split}-{tokens}-{'_'.join(map(str, layers))}.pt"
+def cached_hidden(name: str, model, tok, split: str, tokens: int, layers, cache_dir: Path,
+                  train_stride: int = 20) -> tuple[HiddenCache, list]:
+    """Hidden states (and the token ids they came from), computed once and kept in cache_dir. The train split is
+    sampled one 256-token chunk from every `train_stride`-th file (20: ~7.7k tokens at most)."""
+    stride = train_stride if split == "train" else 1
+    tag = f"-s{stride}" if split == "train" and stride != 20 else ""
+    path = cache_dir / f"{name}-{split}-{tokens}{tag}-{'_'.join(map(str, layers))}.pt"
     if path.is_file():
         blob = torch.load(path)
         return HiddenCache(blob["at"], blob["final"]), blob["chunks"]
-    stride = 20 if split == "train" else 1
     chunks = token_chunks(texts(split, stride), lambda t: tok.encode(t, add_special_tokens=False), 256, tokens)
     cache = collect_hidden(model, chunks, layers)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ def run_model(name: str, out_dir: Path, cache_dir: Path, overrides: dict | None 
     model = load_model(model_dir)
     exits = spec["exits"]
     t0 = time.perf_counter()
-    tr, _ = cached_hidden(name, model, tok, "train", spec["train"], exits, cache_dir)
+    tr, _ = cached_hidden(name, model, tok, "train", spec["train"], exits, cache_dir, spec.get("train_stride", 20))
     ev, ev_chunks = cached_hidden(name, model, tok, "heldout", spec["heldout"], exits, cache_dir)
     t_hidden = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -292,6 +295,7 @@ def run_model(name: str, out_dir: Path, cache_dir: Path, overrides: dict | None 
     ridge_only = train_exit_heads(model, tr, ExitTrainConfig(exits, steps=0))
     result = {"model": name, "layers": model.config.num_layers, "train_tokens": tr.rows, "heldout_tokens": ev.rows,
               "hidden_states_s": round(t_hidden, 1), "train_s": round(t_train, 1), "steps": spec["steps"],
+              "train_stride": spec.get("train_stride", 20),
               "top1_untrained": agreement(model, untrained, ev), "top1_ridge_only": agreement(model, ridge_only, ev),
               "top1_trained": agreement(model, heads, ev), "sweep": [], "codec": {}, "latency": [],
               "top1_trained_on_train_rows": agreement(model, heads, tr),
@@ -438,6 +442,7 @@ def main() -> int:
                    help="where the trade-off plot goes")
     p.add_argument("--train-tokens", type=int, help="override the models' training tokens")
     p.add_argument("--steps", type=int, help="override the models' KL steps")
+    p.add_argument("--train-stride", type=int, help="sample the train split's every N-th file (default 20; 1: all)")
     p.add_argument("--ridge", type=float, help="override the closed-form start's relative ridge (default 0.01)")
     p.add_argument("--weight-decay", type=float, help="AdamW decay of the adapters towards identity (default 0)")
     p.add_argument("--quality-only", action="store_true",
@@ -452,12 +457,13 @@ def main() -> int:
         results = load_results(args.plot_from)
     else:
         overrides = {key: v for key, v in (("train", args.train_tokens), ("steps", args.steps), ("ridge", args.ridge),
-                                            ("weight_decay", args.weight_decay)) if v is not None}
+                                            ("weight_decay", args.weight_decay), ("train_stride", args.train_stride))
+                     if v is not None}
         results = [run_model(m, out, Path(args.cache), overrides, args.quality_only) for m in args.models.split(",")]
         (out / "early_exit_results.json").write_text(json.dumps(results, indent=1))
         if args.quality_only:
-            print(json.dumps([{key: r.get(key) for key in ("model", "train_tokens", "steps", "ridge", "weight_decay",
-                                                           "top1_untrained", "top1_trained",
+            print(json.dumps([{key: r.get(key) for key in ("model", "train_tokens", "train_stride", "steps", "ridge",
+                                                           "weight_decay", "top1_untrained", "top1_trained",
                                                            "top1_trained_on_train_rows", "calibrated")}
                               for r in results], indent=1))
             return 0

@@ -6,7 +6,7 @@ that are timed (npu_backends.evaluate: the float head applied to every row on th
 the residual stream's relative error after every layer (where the int8 error enters).
 
     .venv/bin/python benchmarks/bench_prefill.py [--models smollm2,demo,qwen2-0.5b] [--prompt-len 512]
-        [--chunk 128] [--threads 2] [--repeats 5] [--eval-prompts 4] [--variants minmax,block16 + smooth + rotate]
+        [--chunk 128] [--threads 2] [--repeats 5] [--eval-prompts 4] [--variants minmax,token]
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ VARIANTS = {
     "block32 + smooth + rotate": {"mode": "block", "block": 32},
     "block16 + smooth": {"mode": "block", "block": 16, "rotate": None},
     "block16 + smooth + rotate": {"mode": "block", "block": 16},
+    # per-token int8 at QGEMM speed, step by step: + rotated q|k|v and gate|up inputs, + GPTQ weights
+    "token nearest": {"mode": "token", "gptq": False},
+    "token": {"mode": "token"},
 }
 
 

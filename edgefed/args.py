@@ -83,6 +83,8 @@ def add_prefill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shadow", action="store_true", help="with --int8: shadow outlier execution")
     p.add_argument("--block", action="store_true", help="with --int8: block-wise int8 weights and dynamic int8 "
                    "activations (ONNX Runtime MatMulNBits, CPU EP)")
+    p.add_argument("--token", action="store_true", help="with --int8: per-token dynamic int8 activations with "
+                   "Hadamard-rotated inputs and GPTQ-rounded weights (the fastest int8 recipe on a real model)")
     p.add_argument("--graph-dir", help="with --prefill ort: keep and reuse exported graphs")
 
 
@@ -121,13 +123,15 @@ def prefill_from_args(args: argparse.Namespace, context: int) -> PrefillOptions 
     """ONNX Runtime prefill options for graphs holding `context` tokens, or None for torch prefill."""
     if getattr(args, "prefill", "torch") != "ort":
         return None
-    block = getattr(args, "block", False)
-    if (args.shadow or block) and not args.int8:
-        raise ValueError(f"{'--shadow' if args.shadow else '--block'} needs --int8")
-    if args.shadow and block:
-        raise ValueError("--shadow and --block are two int8 recipes: choose one")
+    block, token = getattr(args, "block", False), getattr(args, "token", False)
+    recipes = [flag for flag, on in (("--shadow", args.shadow), ("--block", block), ("--token", token)) if on]
+    if recipes and not args.int8:
+        raise ValueError(f"{recipes[0]} needs --int8")
+    if len(recipes) > 1:
+        raise ValueError(f"{' and '.join(recipes)} are int8 recipes: choose one")
     return PrefillOptions(args.chunk, context, provider=args.provider, strict=args.strict, int8=args.int8,
-                          shadow=args.shadow, threads=args.threads, graph_dir=args.graph_dir, block=block)
+                          shadow=args.shadow, threads=args.threads, graph_dir=args.graph_dir, block=block,
+                          token=token)
 
 
 def run_config(args: argparse.Namespace, prompt: list[int], prefill: PrefillOptions | None, *,

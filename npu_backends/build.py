@@ -75,6 +75,8 @@ def int8_recipe(opts: PrefillOptions) -> dict:
     recipe = {"mode": opts.int8_mode, "smooth_alpha": quantize.SMOOTH_ALPHA, "rotate_block": quantize.ROTATE_BLOCK,
               "quantize_outputs": quantize.QUANTIZE_OUTPUTS, "hot_fraction": opts.hot_fraction,
               "calib_tokens": opts.calib_tokens}
+    if opts.int8_mode == "token":
+        recipe |= {"rotate_inputs": True, "gptq": quantize.TOKEN_GPTQ}
     return recipe | ({"block": quantize.BLOCK} if opts.int8_mode == "block" else {})
 
 
@@ -143,7 +145,8 @@ def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, cali
                                           model.config.vocab_size)
             feeds = record_calibration(model, specs, prompts, opts.threads)
             cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction, recipe["smooth_alpha"],
-                                recipe["rotate_block"], block=recipe.get("block", quantize.BLOCK))
+                                recipe["rotate_block"], block=recipe.get("block", quantize.BLOCK),
+                                gptq=recipe.get("gptq", quantize.TOKEN_GPTQ))
             record = read_graphs_json(root)
             record["int8"][opts.int8_mode] = recipe
             write_graphs_json(root, record)
@@ -154,7 +157,8 @@ def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, cali
 def _int8_specs(specs: list[GraphSpec], recipe: dict) -> tuple[list[GraphSpec], list[str]]:
     """The int8 copies of float `specs` (where build_int8 writes them) and the names of those not built yet."""
     paths = [int8_path(s.path, recipe["mode"], recipe["smooth_alpha"], recipe["rotate_block"],
-                       block=recipe.get("block", quantize.BLOCK)) for s in specs]
+                       block=recipe.get("block", quantize.BLOCK), gptq=recipe.get("gptq", quantize.TOKEN_GPTQ))
+             for s in specs]
     missing = [p.name for p in paths if not p.is_file()]
     return [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)], missing
 
@@ -197,7 +201,7 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: 
         recipe = int8_recipe(opts)
         rebuild = (f"`edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} --context "
                    f"{specs[0].context}{groups} --int8{' --shadow' if opts.shadow else ''}"
-                   f"{' --block' if opts.block else ''}`")
+                   f"{' --block' if opts.block else ''}{' --token' if opts.token else ''}`")
         specs, missing = _int8_specs(specs, recipe)
         if missing:
             raise GraphDirError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "

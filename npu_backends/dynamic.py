@@ -16,12 +16,14 @@ the smoothing in front (smooth.py), not by the scales.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .gptq import gptq_int8
 
 ZERO = 128  # uint8 zero point: symmetric int8 values stored as u8 (ORT's fast u8 x s8 GEMM)
 TINY = 1e-12  # an all-zero row (padding) gets a finite scale
@@ -34,9 +36,14 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
-def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] = ()) -> list[str]:
+def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] = (),
+                       moments: Mapping[str, np.ndarray] | None = None, two_pass: Sequence[str] = ()) -> list[str]:
     """Rewrite every weight MatMul of `src` not in `exclude` as a per-token dynamic W8A8 linear; write dst.
 
+    moments: node name -> X^T X of its calibration inputs (gptq.input_moments); the weights of the linears
+    it names are rounded by GPTQ's error feedback (same scales, same graph) instead of to the nearest level.
+    two_pass: linears whose input is quantized twice, the second time its rounding residual (~15 bits per token
+    in all), both passes in one u8 GEMM over 2N rows (twice that linear's GEMM work).
     Returns the names of the rewritten MatMuls.
     """
     m = onnx.load(str(src))
@@ -44,21 +51,23 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
     inits = {i.name: i for i in g.initializer}
     tokens = _tokens(g)
     targets = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits and n.name not in exclude]
-    quantized: dict[str, tuple[str, str]] = {}  # activation -> (u8 tensor, row scale (1, N, 1))
+    quantized: dict[tuple[str, bool], tuple[str, str]] = {}  # (activation, two-pass) -> (u8 rows, row scales)
     before: dict[str, list] = {}  # node name -> nodes to insert right before it
     replace: dict[str, list] = {}
     g.initializer.extend([numpy_helper.from_array(np.array(ZERO, np.uint8), "dyn/zero"),
                           numpy_helper.from_array(np.full(tokens, ZERO, np.uint8), "dyn/zero_rows"),
                           numpy_helper.from_array(np.array(1 / 127, np.float32), "dyn/inv127"),
                           numpy_helper.from_array(np.array(TINY, np.float32), "dyn/tiny"),
-                          numpy_helper.from_array(np.array([-1], np.int64), "dyn/flat")])
+                          numpy_helper.from_array(np.array([-1], np.int64), "dyn/flat"),
+                          numpy_helper.from_array(np.array([tokens, tokens], np.int64), "dyn/halves")])
     for node in targets:
-        x = node.input[0]
-        if x not in quantized:
-            nodes, quantized[x] = _quantize_rows(node.name, x)
+        key = (node.input[0], node.name in two_pass)
+        if key not in quantized:
+            nodes, quantized[key] = (_quantize_rows_twice if key[1] else _quantize_rows)(node.name, key[0])
             before[node.name] = nodes
-        q, s = quantized[x]
-        wq, ws = quantize_weight(numpy_helper.to_array(inits[node.input[1]]))
+        q, s = quantized[key]
+        w = numpy_helper.to_array(inits[node.input[1]])
+        wq, ws = gptq_int8(w, moments[node.name]) if moments and node.name in moments else quantize_weight(w)
         g.initializer.extend([numpy_helper.from_array(wq, f"{node.name}/w_int8"),
                               numpy_helper.from_array(ws, f"{node.name}/w_scale")])
         n = node.name
@@ -66,8 +75,15 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
             helper.make_node("MatMulInteger", [q, f"{n}/w_int8", "dyn/zero"], [f"{n}/acc"], name=f"{n}/MatMulInteger"),
             helper.make_node("Cast", [f"{n}/acc"], [f"{n}/acc_f"], to=TensorProto.FLOAT, name=f"{n}/Cast"),
             helper.make_node("Mul", [f"{n}/acc_f", f"{n}/w_scale"], [f"{n}/y_cols"], name=f"{n}/ColScale"),
-            helper.make_node("Mul", [f"{n}/y_cols", s], [node.output[0]], name=f"{n}/RowScale"),
+            helper.make_node("Mul", [f"{n}/y_cols", s], [f"{n}/y_rows" if key[1] else node.output[0]],
+                             name=f"{n}/RowScale"),
         ]
+        if key[1]:  # (1, 2N, out): the two passes' rows summed
+            replace[n] += [
+                helper.make_node("Split", [f"{n}/y_rows", "dyn/halves"], [f"{n}/y_first", f"{n}/y_residual"],
+                                 axis=1, name=f"{n}/SplitPasses"),
+                helper.make_node("Add", [f"{n}/y_first", f"{n}/y_residual"], [node.output[0]], name=f"{n}/AddPasses"),
+            ]
     nodes = []
     for n in g.node:  # topological order kept: each quantization right before its input's first linear
         nodes += before.get(n.name, []) + replace.get(n.name, [n])
@@ -93,6 +109,24 @@ def _quantize_rows(name: str, x: str) -> tuple[list, tuple[str, str]]:
         helper.make_node("Reshape", [t["scale"], "dyn/flat"], [t["scale_rows"]], name=f"{name}/DynRows"),  # (N,)
         helper.make_node("QuantizeLinear", [x, t["scale_rows"], "dyn/zero_rows"], [t["u8"]], axis=1,
                          name=f"{name}/DynQuantize"),  # (1, N, K) uint8, one scale per token
+    ]
+    return nodes, (t["u8"], t["scale"])
+
+
+def _quantize_rows_twice(name: str, x: str) -> tuple[list, tuple[str, str]]:
+    """Nodes turning x (1, N, K) into (1, 2N, K) uint8 rows: x's, then its rounding residual's, and their
+    scales (1, 2N, 1)."""
+    first, (u1, s1) = _quantize_rows(name, x)
+    t = {k: f"{name}/dyn2_{k}" for k in ("deq", "residual", "u8", "scale")}
+    nodes = first + [
+        helper.make_node("DequantizeLinear", [u1, f"{name}/dyn_scale_rows", "dyn/zero_rows"], [t["deq"]], axis=1,
+                         name=f"{name}/DynDequantize"),
+        helper.make_node("Sub", [x, t["deq"]], [t["residual"]], name=f"{name}/DynResidual"),
+    ]
+    second, (u2, s2) = _quantize_rows(f"{name}/residual", t["residual"])
+    nodes += second + [
+        helper.make_node("Concat", [u1, u2], [t["u8"]], axis=1, name=f"{name}/DynPasses"),
+        helper.make_node("Concat", [s1, s2], [t["scale"]], axis=1, name=f"{name}/DynPassScales"),
     ]
     return nodes, (t["u8"], t["scale"])
 

@@ -22,12 +22,17 @@ class PrefillOptions:
     # with int8: block-wise 8-bit weights and dynamic int8 activations (ORT's MatMulNBits, CPU EP): the
     # recipe that keeps >= 99% top-1 agreement on a real pretrained model (benchmarks/README.md, issue 16)
     block: bool = False
+    # with int8: per-token int8 activations on Hadamard-rotated linear inputs, GPTQ-rounded int8 weights
+    # (u8 x s8 GEMM, standard ONNX ops): ~98% top-1 on SmolLM2-135M at static int8's speed (issue 16)
+    token: bool = False
 
     @property
     def int8_mode(self) -> str | None:
         if not self.int8:
             return None
-        return "block" if self.block else ("shadow" if self.shadow else "minmax")
+        if self.block or self.token:
+            return "block" if self.block else "token"
+        return "shadow" if self.shadow else "minmax"
 
 
 def round_up(n: int, chunk: int) -> int:

@@ -15,7 +15,10 @@ Static per-tensor activation scales hold on the 6 M-parameter demo model, not on
 pretrained one (SmolLM2-135M: 92-94% top-1 agreement, issue 16): there the activation scale
 is taken when the chunk runs (dynamic.py): per token ("dynamic", standard ONNX ops) or per
 token and block of 16 input channels with block-wise int8 weights ("block", ONNX Runtime's
-MatMulNBits on the CPU EP), which keeps >= 99%.
+MatMulNBits on the CPU EP), which keeps >= 99% but runs no faster than float on the CPU. "token" keeps
+the per-token GEMM and cuts its error instead: the inputs of q|k|v and gate|up are Hadamard-rotated
+after their norm (rotate.rotate_inputs: a token's massive channels no longer set its scale alone) and the
+int8 weights are rounded by GPTQ (gptq.py) on the calibration inputs.
 """
 
 from __future__ import annotations
@@ -118,32 +121,41 @@ def quantize_graph(src: str | Path, dst: str | Path, feeds: list[dict[str, np.nd
 SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength; see smooth.py
 BLOCK = 16  # mode "block": input channels per scale (16 reaches 99% on SmolLM2-135M, 32 does not)
 ROTATE_BLOCK = 64  # Hadamard block for the down projection's input; see rotate.py
+TOKEN_GPTQ = True  # mode "token": GPTQ-rounded weights (gptq.py)
+TOKEN_TWO_PASS: tuple[str, ...] = ()  # mode "token": roles whose inputs are quantized in two passes
 # static W8A8 | tight clip + float shadow | per-token dynamic activations | block-wise 8-bit weights and
-# dynamic activations (MatMulNBits). "clip" (the tight clip alone, the excess dropped) is gone: on
-# SmolLM2-135M it kept 51% top-1 agreement (issue 16), since what it cuts are the tokens every later one reads.
-MODES = ("minmax", "shadow", "dynamic", "block")
+# dynamic activations (MatMulNBits) | "token": per-token dynamic activations, the q|k|v, gate|up (and down)
+# inputs Hadamard-rotated, GPTQ-rounded weights (ORT's u8 x s8 GEMM, standard ONNX ops). "clip" (the tight clip
+# alone, the excess dropped) is gone: on SmolLM2-135M it kept 51% top-1 agreement (issue 16), since what it
+# cuts are the tokens every later one reads.
+MODES = ("minmax", "shadow", "dynamic", "block", "token")
 ROLES = ("qkv", "o", "gate", "up", "down")  # a layer's weight MatMuls, in graph order
 
 
 def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray]]], out_dir: str | Path,
                mode: str = "shadow", fraction: float = 1 / 64, smooth: float | None = SMOOTH_ALPHA,
                rotate: int | None = ROTATE_BLOCK, keep_float: Sequence[str] = (),
-               block: int = BLOCK) -> list[GraphSpec]:
+               block: int = BLOCK, gptq: bool = TOKEN_GPTQ,
+               two_pass: Sequence[str] = TOKEN_TWO_PASS) -> list[GraphSpec]:
     """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration.
 
     smooth: SmoothQuant alpha (None: no smoothing); rotate: Hadamard block of the down input (None: none).
     keep_float: linears left float, as "layer.role" (e.g. "1.down", role one of ROLES).
     block: with mode "block", input channels per weight and activation scale.
+    gptq: with mode "token", GPTQ-rounded weights (False: rounded to the nearest level).
+    two_pass: with mode "token", the ROLES whose inputs are quantized in two passes (dynamic.quantize_per_token).
     """
     if mode not in MODES:
         raise UsageError(f"int8 mode {mode!r} is not one of {MODES}")
+    if set(two_pass) - set(ROLES):
+        raise UsageError(f"two_pass {sorted(set(two_pass) - set(ROLES))}: each must be one of {ROLES}")
     bad = [k for k in keep_float if not _is_role(k)]
     if bad:
         raise UsageError(f"keep_float {bad}: each must be LAYER.ROLE with ROLE one of {ROLES} (e.g. 1.down)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [dataclasses.replace(spec, path=str(_quantize_group(spec, group_feeds, out, mode, fraction, smooth, rotate,
-                                                               keep_float, block)))
+                                                               keep_float, block, gptq, two_pass)))
             for spec, group_feeds in zip(specs, feeds, strict=True)]
 
 
@@ -164,11 +176,13 @@ def linear_roles(path: str | Path, start: int = 0) -> dict[str, str]:
 
 def int8_path(float_path: str | Path, mode: str, smooth: float | None = SMOOTH_ALPHA,
               rotate: int | None = ROTATE_BLOCK, out_dir=None, keep_float: Sequence[str] = (),
-              block: int = BLOCK) -> Path:
+              block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] = TOKEN_TWO_PASS) -> Path:
     """Where build_int8 writes the int8 copy of one float graph (the name records the recipe)."""
     p = Path(float_path)
     tag = ("" if smooth is None else f"-sq{round(100 * smooth)}") + ("" if not rotate else f"-rot{rotate}")
     tag += f"-b{block}" if mode == "block" else ""
+    tag += ("-gptq" if gptq else "-nearest") if mode == "token" else ""
+    tag += "".join(f"-2p{r}" for r in ROLES if r in two_pass) if mode == "token" else ""
     if keep_float:  # which linears stay float, as a short digest of the sorted keys
         tag += "-f" + hashlib.sha1(",".join(sorted(keep_float)).encode()).hexdigest()[:8]
     return Path(out_dir or p.parent) / f"{p.stem}.int8-{mode}{tag}.onnx"
@@ -182,14 +196,15 @@ def _stats(path: str | Path, feeds: list[dict[str, np.ndarray]], skip: Sequence[
 
 def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Path, mode: str, fraction: float,
                     smooth: float | None, rotate: int | None, keep_float: Sequence[str] = (),
-                    block: int = BLOCK) -> Path:
+                    block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] = TOKEN_TWO_PASS) -> Path:
     from .dynamic import quantize_blockwise, quantize_per_token
+    from .gptq import input_moments
     from .outliers import add_clip_and_shadow, strip_main_clips
-    from .rotate import rotate_down
+    from .rotate import rotate_down, rotate_inputs
     from .smooth import smooth_graph
 
     name = Path(spec.path).stem
-    dst = int8_path(spec.path, mode, smooth, rotate, out, keep_float, block)
+    dst = int8_path(spec.path, mode, smooth, rotate, out, keep_float, block, gptq, two_pass)
     src, exclude = spec.path, head_matmuls(spec.path)  # the head stays float: neither clipped, smoothed nor int8
     roles = linear_roles(spec.path, spec.start)
     exclude += [roles[k] for k in keep_float if k in roles]  # node names survive smoothing and rotation
@@ -204,13 +219,22 @@ def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Pa
         steps.append(str(out / f"{name}.rotate-float.onnx"))
         exclude += rotate_down(src, steps[-1], rotate)  # the rotations stay float
         src, stats = steps[-1], None  # a rotation mixes channels: measure again
+    moments = None
+    if mode == "token":
+        # the norm-fed linears' inputs rotated too: q|k|v and gate|up (o's input gains nothing measurable)
+        steps.append(str(out / f"{name}.rotate-in-float.onnx"))
+        exclude += rotate_inputs(src, steps[-1], rotate or ROTATE_BLOCK, exclude=exclude)
+        src = steps[-1]
+        if gptq:
+            moments = input_moments(src, feeds, [n for n in roles.values() if n not in exclude])
     if mode == "shadow":
         steps.append(str(out / f"{name}.{mode}-float.onnx"))
         stats = stats if stats is not None else _stats(src, feeds, exclude)
         exclude += add_clip_and_shadow(src, steps[-1], stats, fraction, shadow=True)
         src = steps[-1]
-    if mode == "dynamic":
-        quantize_per_token(src, dst, exclude)
+    if mode in ("dynamic", "token"):
+        twice = [n for k, n in roles.items() if mode == "token" and k.partition(".")[2] in two_pass]
+        quantize_per_token(src, dst, exclude, moments, twice)
     elif mode == "block":
         quantize_blockwise(src, dst, exclude, block)
     else:

@@ -14,6 +14,7 @@ R^T W is folded into the weight offline; x R is one small float MatMul at run ti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,64 @@ def _rotation_nodes(g: onnx.GraphProto, down, h: np.ndarray) -> list:
         helper.make_node("Reshape", [f"{name}/mixed", f"{name}/flat_shape"], [f"{name}/rotated"],
                          name=f"{name}/RotateJoin"),  # back to (1, N, I)
     ]
+
+
+def _norm_outputs(gr: _Graph) -> list[tuple[str, list]]:
+    """(tensor, [weight MatMuls reading it]) for every RMSNorm output (a Mul by a 1-D initializer, the gain)
+    read only by weight MatMuls: q|k|v and gate, up."""
+    found = []
+    for n in gr.g.node:
+        if n.op_type != "Mul" or gr.const_index(n, 1) is None:
+            continue
+        users = gr.consumers.get(n.output[0], [])
+        if users and all(u.op_type == "MatMul" and u.input[0] == n.output[0] and u.input[1] in gr.inits
+                         for u in users):
+            found.append((n.output[0], users))
+    return found
+
+
+def rotate_inputs(src: str | Path, dst: str | Path, block: int = 64, minimum: int = 16,
+                  exclude: Sequence[str] = ()) -> list[str]:
+    """Rotate the input of every linear fed by an RMSNorm (q|k|v, gate and up) by blockdiag(H): one float
+    rotation per norm output, shared by the linears reading it; their weights take R^T. Returns the inserted
+    (float) MatMul names. After the norm, a token's few massive channels (the attention sink's, the
+    delimiters') are spread over their block, so a per-token int8 scale no longer spans them alone.
+    """
+    m = onnx.load(str(src))
+    gr = _Graph(m.graph)
+    inserted, after = [], {}
+    for x, users in _norm_outputs(gr):
+        if any(u.name in exclude for u in users):
+            continue
+        k = gr.weight(users[0], 1).shape[0]
+        b = block_size(k, block)
+        if b < minimum:
+            continue
+        h = hadamard(b)
+        for u in users:
+            w = gr.weight(u, 1)
+            blocks = w.reshape(k // b, b, -1)
+            gr.set_weight(u, 1, np.einsum("ij,kjo->kio", h.T, blocks).reshape(w.shape).astype(w.dtype), "rot_w")
+        name = users[0].name + "/in"
+        nodes = _rotation_nodes(m.graph, _Input(name, x), h)
+        for u in users:
+            u.input[0] = f"{name}/rotated"
+        after[gr.producer[x].name] = nodes
+        inserted.append(name + ROTATE_SUFFIX)
+    nodes = []
+    for n in m.graph.node:  # each rotation right after the norm that makes its input
+        nodes += [n] + after.get(n.name, [])
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    _drop_unused(m.graph)
+    onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=Path(dst).name + ".data", size_threshold=1024)
+    return inserted
+
+
+class _Input:
+    """The fields of a node _rotation_nodes reads: a name for the new tensors and the input it rotates."""
+
+    def __init__(self, name: str, x: str):
+        self.name, self.input = name, [x]
+

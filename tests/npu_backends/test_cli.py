@@ -67,3 +67,29 @@ def test_int8_block_runs_and_needs_int8(llama_dir, capsys, tmp_path):
     assert json.loads((tmp_path / "graphs.json").read_text())["int8"]["block"]["block"] == 16
     assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--block"]) == 2
     assert "--block needs --int8" in capsys.readouterr().err
+
+
+def test_int8_token_runs_records_its_recipe_and_excludes_the_others(llama_dir, capsys, tmp_path):
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
+            "--token", "--graph-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["int8"] == "token" and out["max_abs_logit_error"] < 0.5
+    recipe = json.loads((tmp_path / "graphs.json").read_text())["int8"]["token"]
+    assert recipe["mode"] == "token" and recipe["gptq"] is True and recipe["rotate_inputs"] is True
+    assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--token"]) == 2
+    assert "--token needs --int8" in capsys.readouterr().err
+    assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--int8", "--token", "--block"]) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
+def test_generate_takes_the_token_recipe_for_its_ort_prefill(llama_dir, capsys, tmp_path):
+    base = ["generate", "--model", str(llama_dir), "--prompt-ids", _ids(40), "--max-new-tokens", "3",
+            "--prefill", "ort", "--chunk", "32"]
+    assert main([*base, "--token"]) == 2
+    assert "--token needs --int8" in capsys.readouterr().err
+    assert main([*base, "--int8", "--token", "--shadow"]) == 2
+    assert "choose one" in capsys.readouterr().err
+    assert main([*base, "--int8", "--token", "--graph-dir", str(tmp_path), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
+    assert "token" in json.loads((tmp_path / "graphs.json").read_text())["int8"]

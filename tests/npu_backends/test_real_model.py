@@ -59,3 +59,28 @@ def test_block_int8_keeps_top1_agreement_on_smollm2(tmp_path):
     assert ev.agreement.positions == PROMPTS * LENGTH
     assert ev.agreement.top1 >= 0.985
     assert ev.relative_error[-1] < 0.03  # the residual stream stays within a few percent of float's
+
+
+def test_token_int8_keeps_the_demo_models_agreement(tmp_path):
+    # the per-token recipe (rotated inputs, GPTQ weights) must keep issue 5's 99.44% on the demo model too
+    model = load_model(DEMO, pack=True)
+    specs = export_chunk_graphs(model, tmp_path, CHUNK, 512)
+    calib = calibration_prompts(DEMO, calibration_texts(), 2048, 512, model.config.vocab_size)
+    int8 = build_int8(specs, record_calibration(model, specs, calib, 2), tmp_path, "token")
+    ev = evaluate(model, specs, int8, heldout_prompts(DEMO, 4, 512), threads=2)
+    print(f"demo token int8: top-1 {ev.agreement.top1:.4f} over {ev.agreement.positions} positions")
+    assert ev.agreement.top1 >= 0.9944
+
+
+@needs_smollm2
+def test_token_int8_keeps_top1_agreement_on_smollm2(tmp_path):
+    model = load_model(SMOLLM2, pack=True)
+    specs = export_chunk_graphs(model, tmp_path, CHUNK, LENGTH)
+    calib = calibration_prompts(SMOLLM2, calibration_texts(), 1024, LENGTH, model.config.vocab_size)
+    int8 = build_int8(specs, record_calibration(model, specs, calib, 2), tmp_path, "token")
+    ev = evaluate(model, specs, int8, heldout_prompts(SMOLLM2, PROMPTS, LENGTH), threads=2)
+    print(f"SmolLM2 token int8: top-1 {ev.agreement.top1:.4f} over {ev.agreement.positions} positions, "
+          f"last-layer relative error {ev.relative_error[-1]:.4f}")
+    assert ev.agreement.positions == PROMPTS * LENGTH
+    assert ev.agreement.top1 >= 0.97  # measured 97.8-98.1% over 4 x 512 (benchmarks/README.md): not yet 99%
+    assert ev.relative_error[-1] < 0.03

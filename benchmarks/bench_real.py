@@ -51,17 +51,23 @@ ENGINES: dict[str, tuple[str, str]] = {
     "edgefed float32": ("edgefed", "float32"),
     "edgefed bfloat16": ("edgefed", "bfloat16"),
     "edgefed int8": ("edgefed", "int8"),
-    "edgefed int8 g32": ("edgefed", "int8-g32"),
+    "edgefed int8 rows": ("edgefed", "int8-rows"),
     "edgefed int4": ("edgefed", "int4"),
     "llama.cpp f32": ("llama", "f32"),
     "llama.cpp Q8_0": ("llama", "q8_0"),
     "llama.cpp Q4_0": ("llama", "q4_0"),
     "transformers float32": ("transformers", "float32"),
+    # the torch path of the same checkpoints (EDGEFED_NATIVE=0): what the native decode step replaces
+    "edgefed float32 torch": ("edgefed", "float32"),
+    "edgefed int8 torch": ("edgefed", "int8"),
+    "edgefed int4 torch": ("edgefed", "int4"),
 }
+TORCH_ONLY = {"edgefed float32 torch", "edgefed int8 torch", "edgefed int4 torch"}
 REFERENCE = "edgefed float32"
-RATIOS = [("edgefed int8", "llama.cpp Q8_0"), ("edgefed int8 g32", "llama.cpp Q8_0"),
+RATIOS = [("edgefed int8", "llama.cpp Q8_0"), ("edgefed int8 rows", "llama.cpp Q8_0"),
           ("edgefed int4", "llama.cpp Q4_0"), ("edgefed float32", "llama.cpp f32"),
-          ("edgefed float32", "transformers float32")]
+          ("edgefed float32", "transformers float32"), ("edgefed float32", "edgefed float32 torch"),
+          ("edgefed int8", "edgefed int8 torch"), ("edgefed int4", "edgefed int4 torch")]
 WARMUP_PROMPT, WARMUP_NEW = 16, 4
 
 
@@ -133,9 +139,10 @@ def gguf_files(model_dir: Path, out_dir: Path, converter: Path, threads: int) ->
     return files
 
 
-# what -> `edgefed quantize` flags (the defaults, and int8 with groups of 32)
-QUANTIZED = {"int8": ["--weights", "int8"], "int8-g32": ["--weights", "int8", "--group-size", "32"],
-             "int4": ["--weights", "int4"]}
+# what -> `edgefed quantize` flags: int8 in the native step's layout (groups of 32, float32 scales, int8 head; like
+# Q8_0), int8 with the defaults (one scale per row, float head), int4 with the defaults (groups of 32, int8 head)
+QUANTIZED = {"int8": ["--weights", "int8", "--group-size", "32", "--lm-head", "int8", "--scale-dtype", "float32"],
+             "int8-rows": ["--weights", "int8"], "int4": ["--weights", "int4"]}
 
 
 def edgefed_quantized(model_dir: Path, out_dir: Path) -> dict[str, Path]:
@@ -146,7 +153,8 @@ def edgefed_quantized(model_dir: Path, out_dir: Path) -> dict[str, Path]:
 
     for what, d in dirs.items():
         # copies made with other defaults are made again
-        stamp = d / f".done-g{DEFAULT_GROUP_SIZE}-i8g{DEFAULT_INT8_GROUP_SIZE}"
+        flags = hashlib.sha256(" ".join(QUANTIZED[what]).encode()).hexdigest()[:8]
+        stamp = d / f".done-g{DEFAULT_GROUP_SIZE}-i8g{DEFAULT_INT8_GROUP_SIZE}-{flags}"
         if stamp.is_file():
             continue
         print(f"edgefed quantize {' '.join(QUANTIZED[what])} -> {d}", file=sys.stderr)
@@ -446,7 +454,10 @@ def main() -> None:
             engine, what = ENGINES[name]
             spec = {"kind": engine, "path": str(paths[what]), "threads": a.threads, "prompt": data["prompt"],
                     "new": a.new, "dtype": "float32" if what in QUANTIZED else what, "n_ctx": n_ctx}
-            res = worker(spec, worker_env(engine, a.threads, a.llama_wait_policy))
+            env = worker_env(engine, a.threads, a.llama_wait_policy)
+            if name in TORCH_ONLY:
+                env["EDGEFED_NATIVE"] = "0"
+            res = worker(spec, env)
             res["round"] = r
             runs[name].append(res)
             print(f"round {r + 1}/{a.rounds} {name}: {1e3 / res['tpot_ms']:.1f} tok/s decode, "
@@ -456,7 +467,7 @@ def main() -> None:
 
     # quality (untimed)
     ef_variants = [(n, str(paths[ENGINES[n][1]]), "float32" if ENGINES[n][1] in QUANTIZED else ENGINES[n][1])
-                   for n in engines if ENGINES[n][0] == "edgefed"]
+                   for n in engines if ENGINES[n][0] == "edgefed" and n not in TORCH_ONLY]
     quality = worker({"kind": "edgefed-quality", "variants": ef_variants, "windows": data["windows"],
                       "threads": a.threads}, worker_env("edgefed", a.threads))
     lc_variants = [(n, str(paths[ENGINES[n][1]])) for n in engines if ENGINES[n][0] == "llama"]

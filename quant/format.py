@@ -2,7 +2,7 @@
 
 config.json is the source's plus
     "quantization_config": {"quant_method": "edgefed", "weights": "int8" | "int4", "group_size": G, "format": 1,
-                            "lm_head": "float" | "int8" | "int4"}
+                            "lm_head": "float" | "int8" | "int4"[, "scale_dtype": "float32"]}
 (int8: G = -1 for one scale per output row, as GPTQ spells per-channel, or a group size; int4: a group size).
 model.safetensors keeps the Hugging Face names. Every linear the layout table lets quantize
 (edge_node.model.layout.LINEARS, per Hugging Face module), and the head where lm_head says so (int4 only in an
@@ -11,8 +11,9 @@ checkpoint), is stored as
     int8, G = -1: <module>.weight       I8   (out, in)      w ~= weight * weight_scale[:, None]
                   <module>.weight_scale F32  (out,)
     int8, G > 0:  <module>.weight       I8   (out, in)      w ~= weight * weight_scale + weight_zero, per group
-                  <module>.weight_scale BF16 (out, in / G)  of G input columns (asymmetric: the group's [min, max])
-                  <module>.weight_zero  BF16 (out, in / G)
+                  <module>.weight_scale BF16 (out, in / G)  of G input columns (asymmetric: the group's [min, max];
+                  <module>.weight_zero  BF16 (out, in / G)  with "scale_dtype": "float32", both F32 and each group
+                                                            symmetric (zero 0) or asymmetric, whichever fits better)
     int4: <module>.weight       U8   (out, in / 2)  codes q in [0, 15], column 2j in the low nibble of byte j
           <module>.weight_scale BF16 (out, in / G)  w ~= (q - 8) * weight_scale + weight_zero, per group of G
           <module>.weight_zero  BF16 (out, in / G)  input columns (bfloat16: what torch's int4 kernel computes with)
@@ -49,10 +50,16 @@ DEFAULT_GROUP_SIZE = 32
 # int8: one scale per row (-1) by default, for speed. --group-size 32 follows a group-wise source grid: on
 # SmolLM2-135M-Instruct (weights from a Q4_1 file) top-1 agreement with float is 98.9% against 96.4% per row, but
 # its kernel (int4 pairs, quant/int8.py) runs the block linears 1.4-1.8x slower at one token (benchmarks/README.md)
+# `--group-size 32` (float32 scales and zeros by default, each group symmetric or asymmetric, whichever fits better)
+# with `--lm-head int8` is the layout the native decode step (edge_node/model/native) runs fastest and most exactly:
+# on SmolLM2-135M-Instruct (weights from a Q4_1 file, embedding on a Q8_0 grid) it reproduces every weight and the
+# head exactly (benchmarks/README.md).
 DEFAULT_INT8_GROUP_SIZE = -1
 HEAD = "lm_head.weight"
 HEADS = ("float", "int8", "int4")
 DEFAULT_HEAD = {"int8": "float", "int4": "int8"}  # measured: see the module docstring
+SCALE_DTYPES = ("bfloat16", "float32")
+SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float32": "F32"}
 
 
 class QuantConfigError(ModelConfigError):
@@ -72,10 +79,15 @@ class QuantConfig:
     weights: str  # "int8" | "int4"
     group_size: int = -1  # input columns per scale (and zero); int8 also -1: one scale per output row
     lm_head: str = "float"  # "float" | "int8" | "int4" (int4 only with int4 weights)
+    scale_dtype: str = "bfloat16"  # group-wise int8: "float32" (the default since format 1 gained it) or "bfloat16"
 
     @classmethod
-    def make(cls, weights: str, group_size: int | None = None, lm_head: str | None = None) -> QuantConfig:
-        """From the command line's --weights, --group-size and --lm-head (default: float for int8, int8 for int4)."""
+    def make(cls, weights: str, group_size: int | None = None, lm_head: str | None = None,
+             scale_dtype: str | None = None) -> QuantConfig:
+        """From the command line's --weights, --group-size, --lm-head and --scale-dtype (defaults above)."""
+        if scale_dtype is not None and (scale_dtype not in SCALE_DTYPES or weights == "int4" and
+                                        scale_dtype != "bfloat16"):
+            raise QuantizeError(f"--scale-dtype must be bfloat16 or (group-wise int8) float32, got {scale_dtype!r}")
         if weights not in WEIGHTS:
             raise QuantizeError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         lm_head = lm_head or DEFAULT_HEAD[weights]
@@ -86,7 +98,7 @@ class QuantConfig:
             if group_size != -1 and group_size not in GROUP_SIZES:
                 raise QuantizeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} or -1 (one "
                                     f"scale per output row) for int8, got {group_size}")
-            return cls("int8", group_size, lm_head)
+            return cls("int8", group_size, lm_head, scale_dtype or ("float32" if group_size != -1 else "bfloat16"))
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if group_size not in GROUP_SIZES:
             raise QuantizeError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} for int4, "
@@ -94,8 +106,9 @@ class QuantConfig:
         return cls("int4", group_size, lm_head)
 
     def to_json(self) -> dict:
-        return {"quant_method": METHOD, "weights": self.weights, "group_size": self.group_size, "format": FORMAT,
-                "lm_head": self.lm_head}
+        out = {"quant_method": METHOD, "weights": self.weights, "group_size": self.group_size, "format": FORMAT,
+               "lm_head": self.lm_head}
+        return out | ({"scale_dtype": self.scale_dtype} if self.scale_dtype != "bfloat16" else {})
 
     def mode(self, name: str) -> str:
         """How the float weight `name` is stored: "int8", "int4" or "float"."""
@@ -128,7 +141,10 @@ class QuantConfig:
         head = q.get("lm_head", "float")
         if head not in HEADS or (head == "int4" and weights != "int4"):
             raise QuantConfigError(f"{where}: lm_head {head!r}, expected float, int8 or (in an int4 checkpoint) int4")
-        return cls(weights, group, head)
+        scale_dtype = q.get("scale_dtype", "bfloat16")
+        if scale_dtype not in SCALE_DTYPES or scale_dtype == "float32" and weights != "int8":
+            raise QuantConfigError(f"{where}: scale_dtype {scale_dtype!r}, expected bfloat16 or (int8) float32")
+        return cls(weights, group, head, scale_dtype)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> QuantConfig | None:
@@ -143,7 +159,8 @@ class QuantConfig:
             return {name: ((rows, cols), "I8"), f"{base}.weight_scale": ((rows,), "F32")}
         groups = (rows, cols // self.group(name))
         codes = ((rows, cols), "I8") if self.mode(name) == "int8" else ((rows, cols // 2), "U8")
-        return {name: codes, f"{base}.weight_scale": (groups, "BF16"), f"{base}.weight_zero": (groups, "BF16")}
+        sd = SAFETENSORS_DTYPE[self.scale_dtype] if self.mode(name) == "int8" else "BF16"
+        return {name: codes, f"{base}.weight_scale": (groups, sd), f"{base}.weight_zero": (groups, sd)}
 
 
 def quantized_weights(cfg: ModelConfig, q: QuantConfig) -> dict[str, tuple[int, int]]:

@@ -6,7 +6,8 @@ torch's int4 kernel computes). s and z are bfloat16, chosen before the codes: th
 its activation dtype, so the weights it multiplies by are exactly the stored ones. On disk the codes are
 plain bytes, two per byte along the input dimension (column 2j in the low nibble of byte j, column 2j + 1
 in the high one): the kernel's own tile layout depends on the CPU and the torch version, so `Int4Linear`
-repacks at load time.
+repacks at load time: to the native kernels' layout where they are built (edge_node.model.native: float32
+activations and accumulation), else to torch's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edge_node.model import native
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
 _MAX = 15
@@ -107,6 +110,11 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = out, 2 * half
         self.group_size = self.in_features // scales.shape[1]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.nw: native.NativeWeight | None = None
+        if out and native.fits(self.in_features, self.group_size) and native.enabled():
+            self._to_native(codes, scales, zeros)
+            self.use_kernel = False
+            return
         self.use_kernel = _INT4_KERNEL and self.group_size in GROUP_SIZES
         if self.use_kernel:
             pad = -out % 16  # the kernel takes N in multiples of 16: zero rows, cut from the output
@@ -121,9 +129,29 @@ class Int4Linear(nn.Module):
             self.scales = nn.Parameter(scales, requires_grad=False)
             self.zeros = nn.Parameter(zeros, requires_grad=False)
 
+    def _to_native(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """The native kernels' layout (edge_node.model.native): codes regrouped per 32-column block, float32
+        scales, and zeros holding z - 8 s, so that w = q s + zero (the same float weight, float32 math)."""
+        packed = torch.empty_like(codes)  # (out, in/2), allocated before the row chunks' temporaries
+        for r in range(0, codes.shape[0], _TILE_ROWS):
+            packed[r: r + _TILE_ROWS] = native.q4_layout(unpack_nibbles(codes[r: r + _TILE_ROWS]))
+        s = scales.float()
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.scales = nn.Parameter(s, requires_grad=False)
+        self.zeros = nn.Parameter(zeros.float() - _MID * s, requires_grad=False)
+        b = None if self.bias is None else self.bias.data.float().contiguous()
+        self.nw = native.NativeWeight(native.Q4, self.out_features, self.in_features, self.packed.data,
+                                      self.group_size, self.scales.data, self.zeros.data, b)
+
+    def native_weight(self) -> native.NativeWeight | None:
+        """The weight in the native kernels' layout (None where torch's kernel or the dequantized path runs it)."""
+        return self.nw
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized (out, in) float32 weight, for whoever needs plain values (ONNX export)."""
+        if self.nw is not None:
+            return native.dequantize(self.nw)
         if not self.use_kernel:
             return dequantize_groups(self.codes, self.scales, self.zeros)
         # The kernel applied to the identity in float32: W^T, exactly (the codes live in its tiles only).
@@ -135,6 +163,8 @@ class Int4Linear(nn.Module):
         """Already in the kernel's layout (the float Linear's pack() reorders for oneDNN)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nw is not None:
+            return native.matmul(self.nw, x)  # float32 activations and accumulation (bias included)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B*S, in): the kernel takes 2-D activations
         if self.use_kernel:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_node.model import native
 from edge_node.model.layout import LinearSpec
 from edge_node.model.model import Linear
 
@@ -46,7 +47,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.to(torch.float32) * scale.float()[:, None]).to(dtype)
 
 
-def quantize_groups8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groups8(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> (int8 q (out, in), bf16 scales (out, in/G), bf16 zeros (out, in/G)), w ~= q*s + z.
 
     255 steps from the group's minimum (code -128): a group whose weights lie on a coarser grid from its minimum
@@ -55,7 +57,13 @@ def quantize_groups8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     rounded to bfloat16 before the codes are chosen (the kernel multiplies by exactly them); where that rounding
     pushes the group's top past code 127, the code clamps (an error of at most about one step).
     The caller checks that G divides `in`.
+
+    scale_dtype=float32: each group takes whichever of two float32 grids represents it with the smaller largest
+    error: the asymmetric one above, or a symmetric one (s = max|w| / 127, z = 0: Q8_0's grid, which a weight
+    imported from a Q8_0 file lies on exactly).
     """
+    if scale_dtype == torch.float32:
+        return _quantize_groups8_f32(w, group_size)
     out, cols = w.shape
     groups = cols // group_size
     q = torch.empty(out, cols, dtype=torch.int8)
@@ -69,6 +77,29 @@ def quantize_groups8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
         codes = torch.round((x - z.float()[..., None]) / s.float()[..., None]).clamp(-128, 127)
         q[r: r + 4096] = codes.reshape(x.shape[0], cols).to(torch.int8)
         scales[r: r + 4096], zeros[r: r + 4096] = s, z
+    return q, scales, zeros
+
+
+def _quantize_groups8_f32(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, cols = w.shape
+    groups = cols // group_size
+    q = torch.empty(out, cols, dtype=torch.int8)
+    scales = torch.empty(out, groups, dtype=torch.float32)
+    zeros = torch.empty(out, groups, dtype=torch.float32)
+    for r in range(0, out, 4096):  # row blocks: float temporaries stay small for big matrices
+        x = w[r: r + 4096].float().reshape(-1, groups, group_size)  # (rows, groups, G)
+        lo, hi = x.amin(dim=-1), x.amax(dim=-1)  # (rows, groups)
+        sa = (hi - lo).clamp(min=1e-10) / 255
+        za = lo + 128 * sa  # code -128 at the group's minimum
+        qa = torch.round((x - za[..., None]) / sa[..., None]).clamp(-128, 127)
+        ss = x.abs().amax(dim=-1).clamp(min=1e-10) / _QMAX
+        qs = torch.round(x / ss[..., None]).clamp(-_QMAX, _QMAX)
+        err_a = (qa * sa[..., None] + za[..., None] - x).abs().amax(dim=-1)
+        err_s = (qs * ss[..., None] - x).abs().amax(dim=-1)
+        sym = err_s <= err_a  # (rows, groups)
+        q[r: r + 4096] = torch.where(sym[..., None], qs, qa).reshape(x.shape[0], cols).to(torch.int8)
+        scales[r: r + 4096] = torch.where(sym, ss, sa)
+        zeros[r: r + 4096] = torch.where(sym, torch.zeros_like(za), za)
     return q, scales, zeros
 
 
@@ -109,6 +140,14 @@ class Int8Linear(nn.Module):
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._bf16: torch.Tensor | None = None
+        self.nw: native.NativeWeight | None = None  # the native kernels' view: the same codes, group = a row
+        if weight.shape[0] and not self.pad and native.fits(weight.shape[1]) and native.enabled():
+            b = None if bias is None else bias.float().contiguous()
+            self.nw = native.NativeWeight(native.Q8, weight.shape[0], weight.shape[1], self.qweight.data,
+                                          weight.shape[1], self.scale.data.float().reshape(-1, 1), None, b)
+
+    def native_weight(self) -> native.NativeWeight | None:
+        return self.nw
 
     @property
     def weight(self) -> torch.Tensor:
@@ -124,6 +163,8 @@ class Int8Linear(nn.Module):
         return self._bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nw is not None:
+            return native.matmul(self.nw, x)  # float32 activations and accumulation (bias included)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (B*S, in): the kernel takes 2-D activations
         if _INT8_KERNEL and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and self.qweight.shape[0]:
@@ -156,6 +197,16 @@ class Int8GroupLinear(nn.Module):
             raise ValueError(f"Int8GroupLinear needs an int8 (out, in) weight and (out, groups) scales and zeros, "
                              f"got {weight.dtype} {list(weight.shape)}, {list(scales.shape)} and {list(zeros.shape)}")
         self.in_features = cols
+        self.nw: native.NativeWeight | None = None
+        group = cols // scales.shape[1]
+        if out and native.fits(cols, group) and native.enabled():  # the codes as they are, float32 scales
+            self.q = nn.Parameter(weight, requires_grad=False)
+            self.scales = nn.Parameter(scales.float(), requires_grad=False)
+            self.zeros = nn.Parameter(zeros.float(), requires_grad=False)
+            b = None if bias is None else bias.float().contiguous()
+            self.nw = native.NativeWeight(native.Q8, out, cols, self.q.data, group, self.scales.data,
+                                          self.zeros.data, b)
+            return
         codes = torch.empty(out, cols, dtype=torch.uint8)  # (out, 2 * in) nibbles, two a byte; allocated first,
         for r in range(0, out, 1024):  # below the row chunks' small int32 temporaries (no fragmented heap)
             u = weight[r: r + 1024].to(torch.int32) + 128  # (rows, in) in [0, 255]
@@ -164,9 +215,14 @@ class Int8GroupLinear(nn.Module):
         self.inner = Int4Linear(codes, torch.cat([s * 16, s], dim=1),  # (out, 2 * groups): hi groups, lo groups
                                 torch.cat([zeros.to(torch.bfloat16), s * 8], dim=1), bias)
 
+    def native_weight(self) -> native.NativeWeight | None:
+        return self.nw
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized (out, in) float32 weight: the hi and lo halves' sum."""
+        if self.nw is not None:
+            return native.dequantize(self.nw)
         w = self.inner.weight  # (out, 2 * in)
         return w[:, : self.in_features] + w[:, self.in_features:]
 
@@ -174,6 +230,8 @@ class Int8GroupLinear(nn.Module):
         """Already in the kernel's layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nw is not None:
+            return native.matmul(self.nw, x)  # the group-wise codes directly, float32 math
         return self.inner(torch.cat([x, x], dim=-1))  # (..., 2 * in) -> (..., out)
 
 

@@ -28,9 +28,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, weights: str, group_size: int | None = None,
-                        force: bool = False, lm_head: str | None = None) -> dict:
+                        force: bool = False, lm_head: str | None = None, scale_dtype: str | None = None) -> dict:
     """Write the quantized copy of `model_dir` to `out_dir`; returns a summary (config, bytes in and out)."""
-    q = QuantConfig.make(weights, group_size, lm_head)
+    q = QuantConfig.make(weights, group_size, lm_head, scale_dtype)
     model_dir, out = Path(model_dir), Path(out_dir)
     raw = read_json(model_dir / "config.json")
     if raw.get("quantization_config") is not None:
@@ -71,7 +71,8 @@ def _entries(ckpt: Checkpoint, cfg: ModelConfig, q: QuantConfig) -> list:
             if q.mode(name) == "int4":
                 last[name] = quantize_groups(w, q.group_size)
             else:
-                last[name] = quantize_rows(w) if q.group(name) == -1 else quantize_groups8(w, q.group(name))
+                last[name] = quantize_rows(w) if q.group(name) == -1 else \
+                    quantize_groups8(w, q.group(name), getattr(torch, q.scale_dtype))
         return last[name]
 
     entries = []

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import native
 from .errors import NonFiniteError, PromptError
 from .model import Transformer
 from .sampling import Sampler, SamplingConfig
@@ -61,9 +62,14 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
 
 
 def _forward_fn(model: Transformer) -> Callable[[list[int], int], torch.Tensor]:
+    """Prompts through the model's forward; single tokens through the native decode step where it runs
+    this model (edge_node.model.native: float32 math, every layer in one call), else the same forward."""
     cache = model.new_cache()
+    fused = native.NativeDecoder.of(model) if native.enabled() else None
 
     def step(ids: list[int], pos0: int) -> torch.Tensor:
+        if fused is not None and len(ids) == 1:
+            return fused.step(ids[0], pos0, cache)
         x = torch.tensor([ids], dtype=torch.long)
         return model(x, cache, pos0, last_only=True)[0, -1]
 

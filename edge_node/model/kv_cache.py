@@ -25,7 +25,8 @@ class LayerKV:
         self.k = self.v = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype)
         self.length = 0
 
-    def _reserve(self, n: int) -> None:
+    def reserve(self, n: int) -> None:
+        """Room for n positions (doubling growth); the held positions are kept."""
         if n <= self.k.shape[2]:
             return
         cap = min(max(n, self.k.shape[2] * 2, _STEP), max(self.limit, n))
@@ -46,7 +47,7 @@ class LayerKV:
             raise KVPositionError(f"KV cache of layer {self.index}: write at position {pos0}, but the layer "
                                   f"holds {self.length} tokens (writes must append at its length)")
         end = pos0 + k.shape[2]
-        self._reserve(end)
+        self.reserve(end)
         self.k[:, :, pos0:end] = k
         self.v[:, :, pos0:end] = v
         self.length = end

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .rope import RotaryTable
@@ -35,6 +36,8 @@ class Linear(nn.Module):
     `pack()` reorders W into oneDNN's blocked layout: on x86 that runs one-token matmuls
     about 1.5x and prompt matmuls about 2x faster than the plain layout (benchmarks/README.md).
     The packed tensor is opaque, so `.weight` unpacks a copy for whoever needs plain values.
+    Where the native kernels are built (edge_node.model.native), `pack()` keeps the plain float32 layout
+    instead: the native decode step reads it, and one-row inputs run on the native GEMV.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -42,18 +45,36 @@ class Linear(nn.Module):
         self.w = nn.Parameter(weight, requires_grad=False)  # (out, in)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed: torch.Tensor | None = None
+        self.native_on = False  # pack() chose the native kernels for this weight
+        self._native: native.NativeWeight | None = None
 
     @property
     def weight(self) -> torch.Tensor:
         """(out, in), as stored in checkpoints."""
         return self.w if self.packed is None else self.packed.to_dense()
 
+    def native_weight(self) -> native.NativeWeight | None:
+        """The plain float32 weight as the native kernels read it (None when packed for oneDNN, or another dtype)."""
+        if self.packed is not None:
+            return None
+        nw = self._native  # a view of w: rebuilt when w was replaced (an adapter merged into it)
+        if nw is None or nw.data.data_ptr() != self.w.data_ptr():
+            nw = self._native = native.float_weight(self.w.data, None if self.bias is None else self.bias.data)
+        return nw
+
     def pack(self) -> None:
-        if self.packed is None and onednn_available() and self.w.dtype in (torch.float32, torch.bfloat16):
+        if self.packed is not None or self.native_on:
+            return
+        if native.enabled() and self.native_weight() is not None:
+            self.native_on = True
+            return
+        if onednn_available() and self.w.dtype in (torch.float32, torch.bfloat16):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w.data, None)
             self.w = None  # the packed copy replaces it: no second copy of the weights stays resident
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_on and x.numel() == x.shape[-1] and x.dtype == torch.float32:
+            return native.matmul(self.native_weight(), x)  # one row: the native GEMV (oneDNN's is not used here)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.w, self.bias)
@@ -213,6 +234,8 @@ class Transformer(nn.Module):
                 module.pack()
         if self.head is not None and not self.head_tied:
             self.head.pack()
+        elif self.head_tied and native.enabled() and self.head.native_weight() is not None:
+            self.head.pack()  # the native GEMV reads the table row-major (or column-major, as loaded)
         elif self.head_tied and self.embed.is_contiguous():
             # One copy serves both, so it cannot be packed; stored column-major the head's
             # one-token matmul runs ~1.7x faster while lookups just gather columns.

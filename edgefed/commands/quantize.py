@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
                    help="input columns per scale (int4 default 32; int8 default -1: one scale per row)")
     p.add_argument("--lm-head", metavar="float|int8|int4",
                    help="the head's weights (default: float for int8, int8 for int4); int4 decodes fastest")
+    p.add_argument("--scale-dtype", metavar="float32|bfloat16",
+                   help="group-wise int8's scales and zeros (default float32: each group symmetric or asymmetric, "
+                        "whichever fits; int4 keeps bfloat16)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace the checkpoint in a non-empty --out directory")
     p.add_argument("--json", action="store_true")
@@ -30,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from quant.quantize import quantize_checkpoint
 
     t0 = time.perf_counter()
-    result = quantize_checkpoint(args.model, args.out, args.weights, args.group_size, args.force, args.lm_head)
+    result = quantize_checkpoint(args.model, args.out, args.weights, args.group_size, args.force, args.lm_head,
+                                 args.scale_dtype)
     result |= {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(own_peak_rss_mb(), 1)}
     if args.json:
         emit(result, True)

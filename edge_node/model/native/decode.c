@@ -1,0 +1,754 @@
+/* edgefed native decode step: one call runs a whole single-token step of a Llama-family decoder (RMSNorm,
+ * q|k|v GEMV, RoPE, KV-cache write, GQA attention over the cache, o-proj, residual, RMSNorm, gate|up GEMV,
+ * SiLU * up, down GEMV, residual; then the final norm and the head), plus a matmul for prompts.
+ *
+ * Weights: float32, int8 or int4 codes with float32 scales (and zeros) per group of input columns:
+ *   q8: w = q * s + z   (q int8; z absent for symmetric layouts)
+ *   q4: w = q * s + z   (q in [0, 15]; the 16 bytes of a 32-column block hold column j in the low nibble of
+ *                        byte j and column j + 16 in the high one; z already holds the loader's offset)
+ * Activations and accumulation are float32 throughout: no bfloat16 rounding anywhere.
+ *
+ * Threads: a small pthread pool (the calling thread is thread 0). Work is split by output rows (GEMVs),
+ * by heads (attention); threads meet at spin barriers inside a step and sleep on a condition variable
+ * between calls once they have spun for EF_SPIN_US microseconds. No OpenMP: torch bundles its own runtime.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum { EF_F32 = 0, EF_Q8 = 1, EF_Q4 = 2, EF_F32T = 3 }; /* F32T: float32 stored column-major, (cols, rows) */
+
+typedef struct {
+    int32_t kind, rows, cols, group; /* group: input columns per scale (q8, q4) */
+    int64_t row_stride;              /* elements per row: floats (f32) or bytes (q8, q4) */
+    const void *data;
+    const float *scales; /* (rows, cols / group) */
+    const float *zeros;  /* (rows, cols / group) or NULL */
+    const float *bias;   /* (rows,) or NULL */
+} ef_linear;
+
+typedef struct {
+    ef_linear qkv, o, w13, w2;
+    const float *ln1, *ln2;
+    float *k, *v; /* (kv_heads, cap, head_dim) each */
+    int64_t cap;
+    int32_t window; /* 0: full causal */
+    int32_t pad_;
+} ef_layer;
+
+typedef struct {
+    int32_t n_layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_pos;
+    float eps;
+    int32_t pad_;
+    ef_layer *layers;
+    const float *embed; /* (vocab, hidden): element [t, h] at t * embed_rs + h * embed_cs */
+    int64_t embed_rs, embed_cs;
+    const float *norm;
+    ef_linear head;
+    float *scratch; /* owned by C: ef_model_init / ef_model_free */
+} ef_model;
+
+/* ---------------------------------------------------------------- thread pool */
+
+#define EF_MAX_THREADS 64
+typedef void (*ef_fn)(void *arg, int ith, int nth);
+
+static struct {
+    int n; /* workers started (threads 1..n) */
+    pthread_t tid[EF_MAX_THREADS];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic int64_t seq; /* job number */
+    _Atomic int done;    /* workers finished with the current job */
+    _Atomic int done_sleepers;
+    _Atomic int sleeping;
+    ef_fn fn;
+    void *arg;
+    int nth;
+    long spin_ns;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .spin_ns = 300000};
+
+static pid_t pool_pid;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static inline long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Waits spin for a few microseconds (the other thread is usually that close), then sleep on a futex: on a
+ * machine with more runnable threads than cores, a spinning waiter would hold the core the thread it waits
+ * for needs. */
+#define EF_SPIN_BARRIER 16384 /* the most a wait spins; it never spins less than a sixteenth of that */
+
+static void futex_wait(_Atomic int *addr, int val) { syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0); }
+static void futex_wake(_Atomic int *addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0); }
+
+/* wait until *addr != val. The spin budget adapts per thread: a wait that ends asleep halves it (the machine has
+ * more runnable threads than cores: sleep early and give the core away), one that ends spinning doubles it. */
+static __thread int spin_limit = EF_SPIN_BARRIER;
+
+static void wait_change(_Atomic int *addr, int val, _Atomic int *sleepers) {
+    int spins = 0;
+    while (atomic_load_explicit(addr, memory_order_acquire) == val && spins < spin_limit) {
+        cpu_relax();
+        spins++;
+    }
+    if (atomic_load_explicit(addr, memory_order_acquire) != val) {
+        if (spin_limit < EF_SPIN_BARRIER) spin_limit *= 2;
+        return;
+    }
+    if (spin_limit > EF_SPIN_BARRIER / 16) spin_limit /= 2;
+    while (atomic_load_explicit(addr, memory_order_acquire) == val) {
+        atomic_fetch_add(sleepers, 1);
+        if (atomic_load_explicit(addr, memory_order_acquire) == val) futex_wait(addr, val);
+        atomic_fetch_sub(sleepers, 1);
+    }
+}
+
+typedef struct {
+    _Atomic int count;
+    _Atomic int phase;
+    _Atomic int sleepers;
+} barrier_t;
+
+static void barrier(barrier_t *b, int nth) {
+    if (nth == 1) return;
+    int ph = atomic_load_explicit(&b->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->phase, 1, memory_order_seq_cst);
+        if (atomic_load(&b->sleepers)) futex_wake(&b->phase);
+        return;
+    }
+    wait_change(&b->phase, ph, &b->sleepers);
+}
+
+static void *worker(void *p) {
+    int ith = (int)(intptr_t)p;
+    int64_t seen = 0;
+    for (;;) {
+        int64_t s = atomic_load_explicit(&pool.seq, memory_order_acquire);
+        if (s == seen) {
+            long t0 = now_ns();
+            int spins = 0;
+            while ((s = atomic_load_explicit(&pool.seq, memory_order_acquire)) == seen) {
+                cpu_relax();
+                if (++spins % 256 == 0 && now_ns() - t0 > pool.spin_ns) {
+                    pthread_mutex_lock(&pool.mu);
+                    atomic_fetch_add(&pool.sleeping, 1);
+                    while ((s = atomic_load(&pool.seq)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                    atomic_fetch_sub(&pool.sleeping, 1);
+                    pthread_mutex_unlock(&pool.mu);
+                    break;
+                }
+            }
+        }
+        seen = s;
+        if (s < 0) return NULL; /* shutdown */
+        if (ith < pool.nth) pool.fn(pool.arg, ith, pool.nth);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_seq_cst);
+        if (atomic_load(&pool.done_sleepers)) futex_wake(&pool.done);
+    }
+}
+
+int ef_threads_start(int n, long spin_us) {
+    if (n < 1) n = 1;
+    if (n > EF_MAX_THREADS) n = EF_MAX_THREADS;
+    pool.spin_ns = spin_us * 1000L;
+    if (pool.n && getpid() != pool_pid) pool.n = 0;
+    pool_pid = getpid();
+    for (int i = pool.n + 1; i < n; i++) {
+        if (pthread_create(&pool.tid[i], NULL, worker, (void *)(intptr_t)i)) return pool.n + 1;
+        pool.n = i;
+    }
+    return pool.n + 1;
+}
+
+/* One job at a time: callers on several threads (two generations served at once; ctypes drops the GIL) queue
+ * here, each job keeping its own arguments and buffers. A forked child never takes it (it runs on one thread). */
+static pthread_mutex_t run_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void run_locked(ef_fn fn, void *arg, int nth);
+
+static void run(ef_fn fn, void *arg, int nth) {
+    if (pool.n && getpid() != pool_pid) pool.n = 0; /* a forked child has none of the parent's workers */
+    if (nth > pool.n + 1) nth = pool.n + 1;
+    if (nth <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&run_mu);
+    run_locked(fn, arg, nth);
+    pthread_mutex_unlock(&run_mu);
+}
+
+static void run_locked(ef_fn fn, void *arg, int nth) {
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.nth = nth;
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_fetch_add(&pool.seq, 1); /* seq_cst: ordered against the workers' `sleeping` */
+    if (atomic_load(&pool.sleeping)) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    fn(arg, 0, nth);
+    /* every worker reports (those with ith >= nth at once): the next job's fields stay theirs until then */
+    for (int d; (d = atomic_load_explicit(&pool.done, memory_order_acquire)) < pool.n;)
+        wait_change(&pool.done, d, &pool.done_sleepers);
+}
+
+/* ---------------------------------------------------------------- small vector helpers */
+
+static inline void split(int n, int ith, int nth, int align, int *a, int *b) {
+    int chunks = (n + align - 1) / align;
+    int lo = (int)((int64_t)chunks * ith / nth), hi = (int)((int64_t)chunks * (ith + 1) / nth);
+    *a = lo * align < n ? lo * align : n;
+    *b = hi * align < n ? hi * align : n;
+}
+
+#ifdef __AVX512F__
+static inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+#endif
+
+static float dot(const float *a, const float *b, int n) {
+#ifdef __AVX512F__
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#else
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+#endif
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    float ss = dot(x, x, n) / (float)n;
+    float r = 1.0f / sqrtf(ss + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+#ifdef __AVX512F__
+/* exp for 16 floats: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial: ~1 ulp */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* y[i] = exp(x[i] - m); returns the sum */
+static float exp_sub_sum(float *y, const float *x, float m, int n) {
+#ifdef __AVX512F__
+    __m512 s = _mm512_setzero_ps(), mv = _mm512_set1_ps(m);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), mv));
+        _mm512_mask_storeu_ps(y + i, k, e);
+        s = _mm512_mask_add_ps(s, k, s, e);
+    }
+    return _mm512_reduce_add_ps(s);
+#else
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += (y[i] = expf(x[i] - m));
+    return s;
+#endif
+}
+
+/* out[i] = silu(g[i]) * u[i] */
+static void silu_mul(float *out, const float *g, const float *u, int n) {
+#ifdef __AVX512F__
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = tail_mask(n - i);
+        __m512 gv = _mm512_maskz_loadu_ps(k, g + i), uv = _mm512_maskz_loadu_ps(k, u + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(s, uv));
+    }
+#else
+    for (int i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+#endif
+}
+
+/* ---------------------------------------------------------------- GEMV: one token, rows [r0, r1) */
+
+/* sums of x over each group of `group` columns (the zeros' factor) */
+static void group_sums(float *xs, const float *x, int cols, int group) {
+    for (int g = 0; g < cols / group; g++) {
+        float s = 0.f;
+        for (int i = 0; i < group; i++) s += x[g * group + i];
+        xs[g] = s;
+    }
+}
+
+static inline float zero_dot(const float *z, const float *xs, int ng) { return z ? dot(z, xs, ng) : 0.f; }
+
+#ifdef __AVX512F__
+static inline __m512 load_q8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* y[r] = (add ? y[r] : 0) + W[r] . x (+ bias): R rows at a time keeps 2R independent FMA chains */
+#define GEMV_ROWS(R, BODY_INIT, BODY_GROUP)                                                                  \
+    for (; r + R <= r1; r += R) {                                                                            \
+        __m512 acc[R];                                                                                       \
+        for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();                                            \
+        for (int g = 0; g < ng; g++) {                                                                       \
+            __m512 t[R];                                                                                     \
+            for (int i = 0; i < R; i++) t[i] = _mm512_setzero_ps();                                          \
+            for (int k = g * G; k < (g + 1) * G; k += 32) {                                                  \
+                __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);                       \
+                for (int i = 0; i < R; i++) { BODY_GROUP }                                                   \
+            }                                                                                                \
+            for (int i = 0; i < R; i++)                                                                      \
+                acc[i] = _mm512_fmadd_ps(t[i], _mm512_set1_ps(w->scales[(int64_t)(r + i) * ng + g]), acc[i]); \
+        }                                                                                                    \
+        for (int i = 0; i < R; i++) {                                                                        \
+            float v = _mm512_reduce_add_ps(acc[i]) +                                                         \
+                      (w->zeros ? zero_dot(w->zeros + (int64_t)(r + i) * ng, xs, ng) : 0.f);                 \
+            if (w->bias) v += w->bias[r + i];                                                                \
+            y[r + i] = add ? y[r + i] + v : v;                                                               \
+        }                                                                                                    \
+    }
+#endif
+
+/* column-major float32: y[r0:r1] = sum_k x[k] W[k, r0:r1], 256 outputs (16 accumulators) at a time */
+static void gemv_t(const ef_linear *w, const float *x, float *y, int r0, int r1, int add) {
+    const float *W = (const float *)w->data;
+    for (int r = r0; r < r1; r += 256) {
+        int n = r1 - r < 256 ? r1 - r : 256;
+#ifdef __AVX512F__
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (int k = 0; k < w->cols; k++) {
+            const float *p = W + (int64_t)k * w->row_stride + r;
+            __m512 xv = _mm512_set1_ps(x[k]);
+            if (n == 256) {
+                for (int j = 0; j < 16; j++) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16 * j), xv, acc[j]);
+            } else {
+                for (int j = 0; j * 16 < n; j++)
+                    acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask(n - 16 * j), p + 16 * j), xv, acc[j]);
+            }
+        }
+        float out[256];
+        for (int j = 0; j < 16; j++) _mm512_storeu_ps(out + 16 * j, acc[j]);
+#else
+        float out[256] = {0};
+        for (int k = 0; k < w->cols; k++)
+            for (int j = 0; j < n; j++) out[j] += x[k] * W[(int64_t)k * w->row_stride + r + j];
+#endif
+        for (int j = 0; j < n; j++) {
+            float v = out[j] + (w->bias ? w->bias[r + j] : 0.f);
+            y[r + j] = add ? y[r + j] + v : v;
+        }
+    }
+}
+
+static void gemv(const ef_linear *w, const float *x, float *y, int r0, int r1, int add, float *xs) {
+    const int cols = w->cols;
+    int r = r0;
+    if (w->kind == EF_F32T) {
+        gemv_t(w, x, y, r0, r1, add);
+        return;
+    }
+    if (w->kind == EF_F32) {
+        const float *W = (const float *)w->data;
+#ifdef __AVX512F__
+        for (; r + 4 <= r1; r += 4) {
+            __m512 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+            const float *p0 = W + (int64_t)r * w->row_stride;
+            int k = 0;
+            for (; k + 32 <= cols; k += 32) {
+                __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+                for (int i = 0; i < 4; i++) {
+                    const float *p = p0 + i * w->row_stride + k;
+                    a[2 * i] = _mm512_fmadd_ps(_mm512_loadu_ps(p), x0, a[2 * i]);
+                    a[2 * i + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), x1, a[2 * i + 1]);
+                }
+            }
+            for (; k < cols; k += 16) {
+                __mmask16 m = tail_mask(cols - k);
+                __m512 x0 = _mm512_maskz_loadu_ps(m, x + k);
+                for (int i = 0; i < 4; i++)
+                    a[2 * i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p0 + i * w->row_stride + k), x0, a[2 * i]);
+            }
+            for (int i = 0; i < 4; i++) {
+                float v = _mm512_reduce_add_ps(_mm512_add_ps(a[2 * i], a[2 * i + 1]));
+                if (w->bias) v += w->bias[r + i];
+                y[r + i] = add ? y[r + i] + v : v;
+            }
+        }
+#endif
+        for (; r < r1; r++) {
+            float v = dot(W + (int64_t)r * w->row_stride, x, cols);
+            if (w->bias) v += w->bias[r];
+            y[r] = add ? y[r] + v : v;
+        }
+        return;
+    }
+    const int G = w->group, ng = cols / G;
+    if (w->zeros) group_sums(xs, x, cols, G);
+#ifdef __AVX512F__
+    if (w->kind == EF_Q8) {
+        const int8_t *Q = (const int8_t *)w->data;
+#define Q8_BODY                                                                               \
+    const int8_t *p = Q + (int64_t)(r + i) * w->row_stride + k;                               \
+    t[i] = _mm512_fmadd_ps(load_q8(p + 16), x1, _mm512_fmadd_ps(load_q8(p), x0, t[i]));
+        GEMV_ROWS(4, , Q8_BODY)
+        GEMV_ROWS(1, , Q8_BODY)
+    } else {
+        const uint8_t *Q = (const uint8_t *)w->data;
+        const __m128i lo4 = _mm_set1_epi8(0x0F);
+#define Q4_BODY                                                                                             \
+    __m128i b = _mm_loadu_si128((const __m128i *)(Q + (int64_t)(r + i) * w->row_stride + k / 2));           \
+    __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lo4)));                            \
+    __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lo4)));         \
+    t[i] = _mm512_fmadd_ps(q1, x1, _mm512_fmadd_ps(q0, x0, t[i]));
+        GEMV_ROWS(4, , Q4_BODY)
+        GEMV_ROWS(1, , Q4_BODY)
+    }
+#else
+    for (; r < r1; r++) {
+        float v = 0.f;
+        for (int g = 0; g < ng; g++) {
+            float t = 0.f;
+            for (int k = g * G; k < (g + 1) * G; k++) {
+                float q;
+                if (w->kind == EF_Q8) {
+                    q = ((const int8_t *)w->data)[(int64_t)r * w->row_stride + k];
+                } else {
+                    int blk = k / 32, j = k % 32;
+                    uint8_t b = ((const uint8_t *)w->data)[(int64_t)r * w->row_stride + blk * 16 + (j & 15)];
+                    q = (float)(j < 16 ? (b & 15) : (b >> 4));
+                }
+                t += q * x[k];
+            }
+            v += t * w->scales[(int64_t)r * ng + g];
+        }
+        if (w->zeros) v += zero_dot(w->zeros + (int64_t)r * ng, xs, ng);
+        if (w->bias) v += w->bias[r];
+        y[r] = add ? y[r] + v : v;
+    }
+#endif
+}
+
+/* row r of w as float32 (cols) */
+static void dequant_row(const ef_linear *w, int r, float *out) {
+    const int cols = w->cols;
+    if (w->kind == EF_F32T) {
+        for (int k = 0; k < cols; k++) out[k] = ((const float *)w->data)[(int64_t)k * w->row_stride + r];
+        return;
+    }
+    if (w->kind == EF_F32) {
+        memcpy(out, (const float *)w->data + (int64_t)r * w->row_stride, sizeof(float) * cols);
+        return;
+    }
+    const int G = w->group, ng = cols / G;
+    const float *S = w->scales + (int64_t)r * ng, *Z = w->zeros ? w->zeros + (int64_t)r * ng : NULL;
+    if (w->kind == EF_Q8) {
+        const int8_t *q = (const int8_t *)w->data + (int64_t)r * w->row_stride;
+        for (int g = 0; g < ng; g++) {
+            float s = S[g], z = Z ? Z[g] : 0.f;
+#ifdef __AVX512F__
+            __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+            for (int k = g * G; k < (g + 1) * G; k += 16) _mm512_storeu_ps(out + k, _mm512_fmadd_ps(load_q8(q + k), sv, zv));
+#else
+            for (int k = g * G; k < (g + 1) * G; k++) out[k] = q[k] * s + z;
+#endif
+        }
+        return;
+    }
+    const uint8_t *q = (const uint8_t *)w->data + (int64_t)r * w->row_stride;
+    for (int g = 0; g < ng; g++) {
+        float s = S[g], z = Z ? Z[g] : 0.f;
+        for (int k = g * G; k < (g + 1) * G; k += 32) {
+            const uint8_t *b = q + k / 2;
+#ifdef __AVX512F__
+            __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+            __m128i v = _mm_loadu_si128((const __m128i *)b), lo4 = _mm_set1_epi8(0x0F);
+            _mm512_storeu_ps(out + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, lo4))), sv, zv));
+            _mm512_storeu_ps(out + k + 16, _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), lo4))), sv, zv));
+#else
+            for (int j = 0; j < 16; j++) {
+                out[k + j] = (float)(b[j] & 15) * s + z;
+                out[k + 16 + j] = (float)(b[j] >> 4) * s + z;
+            }
+#endif
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- matmul: T tokens (prompts) */
+
+typedef struct {
+    const ef_linear *w;
+    const float *x; /* (T, cols) */
+    float *y;       /* (T, rows) */
+    int T;
+    float *buf; /* per thread: 4 * cols floats */
+} mm_args;
+
+static void mm_fn(void *a_, int ith, int nth) {
+    mm_args *a = a_;
+    const ef_linear *w = a->w;
+    const int cols = w->cols, T = a->T;
+    float *wb = a->buf + (int64_t)ith * 4 * cols;
+    int r0, r1;
+    split(w->rows, ith, nth, 4, &r0, &r1);
+    for (int r = r0; r < r1; r += 4) {
+        int R = r1 - r < 4 ? r1 - r : 4;
+        for (int i = 0; i < R; i++) dequant_row(w, r + i, wb + i * cols);
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            int TT = T - t0 < 4 ? T - t0 : 4;
+            float out[4][4] = {{0}};
+#ifdef __AVX512F__
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int t = 0; t < 4; t++) acc[i][t] = _mm512_setzero_ps();
+            for (int k = 0; k < cols; k += 16) {
+                __mmask16 m = tail_mask(cols - k);
+                __m512 wv[4], xv[4];
+                for (int i = 0; i < 4; i++) wv[i] = _mm512_maskz_loadu_ps(m, wb + (i < R ? i : 0) * cols + k);
+                for (int t = 0; t < 4; t++)
+                    xv[t] = _mm512_maskz_loadu_ps(m, a->x + (int64_t)(t0 + (t < TT ? t : 0)) * cols + k);
+                for (int i = 0; i < 4; i++)
+                    for (int t = 0; t < 4; t++) acc[i][t] = _mm512_fmadd_ps(wv[i], xv[t], acc[i][t]);
+            }
+            for (int i = 0; i < R; i++)
+                for (int t = 0; t < TT; t++) out[i][t] = _mm512_reduce_add_ps(acc[i][t]);
+#else
+            for (int i = 0; i < R; i++)
+                for (int t = 0; t < TT; t++) out[i][t] = dot(wb + i * cols, a->x + (int64_t)(t0 + t) * cols, cols);
+#endif
+            for (int i = 0; i < R; i++)
+                for (int t = 0; t < TT; t++)
+                    a->y[(int64_t)(t0 + t) * w->rows + r + i] = out[i][t] + (w->bias ? w->bias[r + i] : 0.f);
+        }
+    }
+}
+
+typedef struct {
+    const ef_linear *w;
+    const float *x;
+    float *y;
+    float *xs; /* per thread: cols floats */
+} mv_args;
+
+static void mv_fn(void *a_, int ith, int nth) {
+    mv_args *a = a_;
+    int r0, r1;
+    split(a->w->rows, ith, nth, 4, &r0, &r1);
+    gemv(a->w, a->x, a->y, r0, r1, 0, a->xs + (int64_t)ith * a->w->cols);
+}
+
+/* y (T, rows) = x (T, cols) W^T (+ bias); threads split the rows */
+int ef_matmul(const ef_linear *w, const float *x, float *y, int T, int nth) {
+    if (T == 1) {
+        float *xs = malloc(sizeof(float) * (size_t)w->cols * (size_t)(nth > 0 ? nth : 1));
+        if (!xs) return -1;
+        mv_args a = {w, x, y, xs};
+        run(mv_fn, &a, nth);
+        free(xs);
+        return 0;
+    }
+    float *buf = malloc(sizeof(float) * 4 * (size_t)w->cols * (size_t)(nth > 0 ? nth : 1));
+    if (!buf) return -1;
+    mm_args a = {w, x, y, T, buf};
+    run(mm_fn, &a, nth);
+    free(buf);
+    return 0;
+}
+
+typedef struct {
+    const ef_linear *w;
+    int r0, r1;
+    float *out; /* (r1 - r0, cols) */
+} dq_args;
+
+static void dq_fn(void *a_, int ith, int nth) {
+    dq_args *a = a_;
+    int lo, hi;
+    split(a->r1 - a->r0, ith, nth, 1, &lo, &hi);
+    for (int r = lo; r < hi; r++) dequant_row(a->w, a->r0 + r, a->out + (int64_t)r * a->w->cols);
+}
+
+/* rows [r0, r1) of w as float32 (r1 - r0, cols): prompts then run a float GEMM over blocks of rows */
+int ef_dequant(const ef_linear *w, int r0, int r1, float *out, int nth) {
+    if (r0 < 0 || r1 > w->rows || r0 > r1) return -1;
+    dq_args a = {w, r0, r1, out};
+    run(dq_fn, &a, nth);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the decode step */
+
+typedef struct {
+    ef_model *m;
+    int pos;
+    const float *cos, *sin; /* (head_dim): this position's rows, sin's first half negated */
+    float *logits;
+    barrier_t bar;
+} step_args;
+
+/* scratch layout (floats): x hidden | qkv | att | h13 (2 inter) | act inter | per thread: xn hidden, xs, scores */
+static int64_t per_thread(const ef_model *m) {
+    int64_t widest = m->hidden > m->inter ? m->hidden : m->inter;
+    return m->hidden + widest + m->max_pos + 16;
+}
+
+static inline float *S_x(ef_model *m) { return m->scratch; }
+static inline float *S_qkv(ef_model *m) { return S_x(m) + m->hidden; }
+static inline float *S_att(ef_model *m) {
+    return S_qkv(m) + (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim;
+}
+static inline float *S_h13(ef_model *m) { return S_att(m) + (int64_t)m->heads * m->head_dim; }
+static inline float *S_act(ef_model *m) { return S_h13(m) + 2 * (int64_t)m->inter; }
+static inline float *S_thread(ef_model *m, int ith) {
+    return S_act(m) + m->inter + (int64_t)ith * per_thread(m);
+}
+
+static void rope(float *out, const float *x, const float *c, const float *s, int D) {
+    int h = D / 2;
+    for (int i = 0; i < h; i++) out[i] = x[i] * c[i] + x[i + h] * s[i];
+    for (int i = h; i < D; i++) out[i] = x[i] * c[i] + x[i - h] * s[i];
+}
+
+static void step_fn(void *a_, int ith, int nth) {
+    step_args *a = a_;
+    ef_model *m = a->m;
+    const int H = m->hidden, D = m->head_dim, NH = m->heads, NKV = m->kv_heads, I = m->inter, pos = a->pos;
+    float *x = S_x(m), *qkv = S_qkv(m), *att = S_att(m), *h13 = S_h13(m), *act = S_act(m);
+    float *xn = S_thread(m, ith), *xs = xn + H, *sc = xs + (H > I ? H : I);
+    const float scale = 1.0f / sqrtf((float)D);
+    int a0, a1;
+    for (int l = 0; l < m->n_layers; l++) {
+        ef_layer *L = &m->layers[l];
+        rmsnorm(xn, x, L->ln1, H, m->eps);
+        split(L->qkv.rows, ith, nth, 4, &a0, &a1);
+        gemv(&L->qkv, xn, qkv, a0, a1, 0, xs);
+        barrier(&a->bar, nth);
+        split(NKV, ith, nth, 1, &a0, &a1); /* each KV head's rotated key and value into the cache */
+        for (int kh = a0; kh < a1; kh++) {
+            const float *kin = qkv + (int64_t)(NH + kh) * D, *vin = qkv + (int64_t)(NH + NKV + kh) * D;
+            rope(L->k + ((int64_t)kh * L->cap + pos) * D, kin, a->cos, a->sin, D);
+            memcpy(L->v + ((int64_t)kh * L->cap + pos) * D, vin, sizeof(float) * D);
+        }
+        barrier(&a->bar, nth);
+        split(NH, ith, nth, 1, &a0, &a1);
+        int t0 = L->window > 0 && pos + 1 > L->window ? pos + 1 - L->window : 0, n = pos + 1 - t0;
+        for (int h = a0; h < a1; h++) {
+            float q[512];
+            int kh = h / (NH / NKV);
+            rope(q, qkv + (int64_t)h * D, a->cos, a->sin, D);
+            const float *K = L->k + ((int64_t)kh * L->cap + t0) * D, *V = L->v + ((int64_t)kh * L->cap + t0) * D;
+            float mx = -INFINITY;
+            for (int t = 0; t < n; t++) {
+                sc[t] = dot(q, K + (int64_t)t * D, D) * scale;
+                if (sc[t] > mx) mx = sc[t];
+            }
+            float inv = 1.0f / exp_sub_sum(sc, sc, mx, n);
+            float *o = att + (int64_t)h * D;
+            for (int d = 0; d < D; d++) o[d] = 0.f;
+            for (int t = 0; t < n; t++) {
+                float p = sc[t] * inv;
+                const float *vt = V + (int64_t)t * D;
+                for (int d = 0; d < D; d++) o[d] += p * vt[d];
+            }
+        }
+        barrier(&a->bar, nth);
+        split(H, ith, nth, 4, &a0, &a1);
+        gemv(&L->o, att, x, a0, a1, 1, xs); /* x += o_proj(att) */
+        barrier(&a->bar, nth);
+        rmsnorm(xn, x, L->ln2, H, m->eps);
+        split(I, ith, nth, 4, &a0, &a1); /* gate rows [a0, a1) and the matching up rows */
+        gemv(&L->w13, xn, h13, a0, a1, 0, xs);
+        gemv(&L->w13, xn, h13, I + a0, I + a1, 0, xs);
+        silu_mul(act + a0, h13 + a0, h13 + I + a0, a1 - a0);
+        barrier(&a->bar, nth);
+        split(H, ith, nth, 4, &a0, &a1);
+        gemv(&L->w2, act, x, a0, a1, 1, xs); /* x += down(act) */
+        barrier(&a->bar, nth);
+    }
+    if (a->logits) {
+        rmsnorm(xn, x, m->norm, H, m->eps);
+        split(m->head.rows, ith, nth, 4, &a0, &a1);
+        gemv(&m->head, xn, a->logits, a0, a1, 0, xs);
+    }
+}
+
+int ef_model_init(ef_model *m, int max_threads) {
+    if (m->head_dim > 512 || m->heads % m->kv_heads) return -1;
+    int64_t shared = m->hidden + (int64_t)(m->heads + 2 * m->kv_heads) * m->head_dim +
+                     (int64_t)m->heads * m->head_dim + 3 * (int64_t)m->inter;
+    m->scratch = aligned_alloc(64, sizeof(float) * (size_t)((shared + per_thread(m) * max_threads + 15) / 16 * 16));
+    return m->scratch ? 0 : -1;
+}
+
+void ef_model_free(ef_model *m) {
+    free(m->scratch);
+    m->scratch = NULL;
+}
+
+/* One token at position pos through every layer: writes its K/V at pos in each layer's cache and the
+ * logits (vocab) if logits is not NULL; the final hidden state (before the norm) is left in `hidden`. */
+int ef_step(ef_model *m, int token, int pos, const float *cos, const float *sin, float *logits, float *hidden,
+            int nth) {
+    if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_pos) return -1;
+    for (int l = 0; l < m->n_layers; l++)
+        if (pos >= m->layers[l].cap) return -2;
+    for (int h = 0; h < m->hidden; h++) S_x(m)[h] = m->embed[(int64_t)token * m->embed_rs + h * m->embed_cs];
+    step_args a = {m, pos, cos, sin, logits, {0, 0, 0}};
+    run(step_fn, &a, nth);
+    if (hidden) memcpy(hidden, S_x(m), sizeof(float) * m->hidden);
+    return 0;
+}
+
+int ef_has_avx512(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}

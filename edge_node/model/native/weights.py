@@ -1,0 +1,144 @@
+"""Weights in the layouts decode.c reads, and a matmul over them.
+
+A `NativeWeight` is a view of tensors some module already holds (no copy): float32 row-major or column-major,
+or int8 / int4 codes with float32 scales (and zeros) per group of input columns. Modules that can describe
+their weight this way expose `native_weight() -> NativeWeight | None`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .build import EfLinear, library
+
+F32, Q8, Q4, F32T = 0, 1, 2, 3
+BLOCK = 32  # columns per SIMD block: every native weight's in_features and group size are multiples of it
+_SPIN_US = int(os.environ.get("EDGEFED_NATIVE_SPIN_US", "300"))  # how long idle workers spin before sleeping
+_started = (0, 0)  # (pid, threads started): a forked child starts its own
+
+
+def enabled() -> bool:
+    """Native kernels are built and loaded (EDGEFED_NATIVE is not 0, a compiler was found)."""
+    return library() is not None
+
+
+def threads() -> int:
+    """Threads a native call uses: torch's setting, so `--threads` governs both."""
+    global _started
+    n = max(1, torch.get_num_threads())
+    pid, started = _started
+    if n > started or pid != os.getpid():
+        _started = os.getpid(), library().ef_threads_start(n, _SPIN_US)
+    return min(n, _started[1])
+
+
+def fits(cols: int, group: int | None = None) -> bool:
+    """Whether in_features `cols` (and a group size) suit the kernels' 32-column blocks."""
+    return cols > 0 and cols % BLOCK == 0 and (group is None or group % BLOCK == 0 and cols % group == 0)
+
+
+@dataclass(frozen=True)
+class NativeWeight:
+    kind: int  # F32 | Q8 | Q4 | F32T
+    rows: int
+    cols: int
+    data: torch.Tensor  # F32 (rows, stride) | F32T (cols, stride) float32; Q8 (rows, stride) int8; Q4 (rows, cols/2)
+    group: int = 0  # input columns per scale (Q8, Q4)
+    scales: torch.Tensor | None = None  # (rows, cols / group) float32
+    zeros: torch.Tensor | None = None  # (rows, cols / group) float32, or None (symmetric)
+    bias: torch.Tensor | None = None  # (rows,) float32
+
+    @functools.cached_property
+    def _struct(self) -> EfLinear:
+        return self.struct()
+
+    def struct(self) -> EfLinear:
+        """The C descriptor (pointers into the tensors: keep this object alive while it is used)."""
+        for t in (self.data, self.scales, self.zeros, self.bias):
+            if t is not None and (t.stride(-1) != 1 or t.dim() == 2 and t.stride(0) < t.shape[1]):
+                raise ValueError("native weights must be row-contiguous")
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        return EfLinear(self.kind, self.rows, self.cols, self.group, self.data.stride(0), ptr(self.data),
+                        ptr(self.scales), ptr(self.zeros), ptr(self.bias))
+
+
+def float_weight(w: torch.Tensor, bias: torch.Tensor | None = None) -> NativeWeight | None:
+    """A float32 (out, in) weight, row-major or column-major (a transposed contiguous tensor)."""
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[0] == 0 or not fits(w.shape[1]):
+        return None
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    if w.stride(1) == 1 and w.stride(0) >= w.shape[1]:
+        return NativeWeight(F32, w.shape[0], w.shape[1], w, bias=bias)
+    if w.stride(0) == 1 and w.stride(1) >= w.shape[0]:
+        return NativeWeight(F32T, w.shape[0], w.shape[1], w.t(), bias=bias)
+    return None
+
+
+GEMM_TOKENS = 16  # from this many rows on, blocks of weight rows are dequantized and multiplied by torch's GEMM
+_BLOCK_FLOATS = 1 << 22  # 16 MB: the dequantized block's bound
+
+
+def matmul(weight: NativeWeight, x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ W^T (+ bias) -> (..., out) in float32 accumulation, returned in x's dtype."""
+    x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    t = x2.numel() // weight.cols  # tokens
+    if t >= GEMM_TOKENS and weight.kind in (Q8, Q4):
+        y = _blocked_gemm(weight, x2.view(t, weight.cols)).view(*x.shape[:-1], weight.rows)
+    else:
+        y = torch.empty((*x.shape[:-1], weight.rows), dtype=torch.float32)  # the one op of a decode step's linear
+        if t and library().ef_matmul(ctypes.byref(weight._struct), x2.data_ptr(), y.data_ptr(), t, threads()):
+            raise MemoryError("native matmul: out of memory for its buffers")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _blocked_gemm(weight: NativeWeight, x2: torch.Tensor) -> torch.Tensor:
+    """A prompt's (T, in) rows against a quantized weight: float32 blocks of weight rows, dequantized natively,
+    through torch's float GEMM (oneDNN's speed; the dequantization is paid once per T tokens)."""
+    y = torch.empty(x2.shape[0], weight.rows, dtype=torch.float32)  # (T, out)
+    step = max(16, _BLOCK_FLOATS // weight.cols)
+    buf = torch.empty(min(step, weight.rows), weight.cols, dtype=torch.float32)
+    desc, lib, n = weight.struct(), library(), threads()
+    for r0 in range(0, weight.rows, step):
+        r1 = min(r0 + step, weight.rows)
+        lib.ef_dequant(ctypes.byref(desc), r0, r1, buf.data_ptr(), n)
+        y[:, r0:r1] = x2 @ buf[: r1 - r0].t()  # (T, rows of the block)
+    return y if weight.bias is None else y.add_(weight.bias)
+
+
+def dequantize(weight: NativeWeight) -> torch.Tensor:
+    """The (out, in) float32 weight a NativeWeight stands for (a plain-torch reference: tests, export)."""
+    if weight.kind == F32:
+        return weight.data[:, : weight.cols].clone()
+    if weight.kind == F32T:
+        return weight.data[:, : weight.rows].t().contiguous()
+    if weight.kind == Q8:
+        q = weight.data[:, : weight.cols].float()
+    else:
+        q = q4_codes(weight.data).float()
+    s = weight.scales.repeat_interleave(weight.group, dim=1)
+    w = q * s
+    return w if weight.zeros is None else w + weight.zeros.repeat_interleave(weight.group, dim=1)
+
+
+def q4_layout(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) in [0, 15] -> decode.c's int4 layout (out, in/2) uint8: in each 32-column block, byte j
+    holds column j (low nibble) and column j + 16 (high nibble), so one 16-byte load yields two 16-lane halves."""
+    out, cols = codes.shape
+    blocks = codes.to(torch.uint8).reshape(out, cols // BLOCK, 2, BLOCK // 2)  # (out, blocks, half, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, cols // 2)
+
+
+def q4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """decode.c's int4 layout (out, in/2) -> codes (out, in) int32 in [0, 15]."""
+    out, half = packed.shape
+    blocks = packed.reshape(out, half // (BLOCK // 2), 1, BLOCK // 2)  # (out, blocks, 1, 16)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(out, 2 * half).to(torch.int32)

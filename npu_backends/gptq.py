@@ -14,11 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import helper
 
-from .outliers import linear_inputs
+from .outliers import linear_input_probe
 
 DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps H invertible (dead channels)
 TINY = 1e-12
@@ -28,19 +25,7 @@ def input_moments(path: str | Path, feeds: Sequence[dict[str, np.ndarray]],
                   names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Per weight MatMul of the float graph at `path` (or the named ones): H = X^T X (in, in) over every
     row of the calibration feeds (float64)."""
-    path = Path(path)
-    m = onnx.load(str(path), load_external_data=False)
-    targets = {k: v for k, v in linear_inputs(m.graph).items() if names is None or k in names}
-    outputs = sorted({x for x, _ in targets.values()})
-    m.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in outputs)
-    probe = path.with_name(path.stem + ".moments-probe.onnx")  # beside the original: its weights resolve
-    onnx.save_model(m, str(probe))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the tensors we name
-    try:
-        sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
-    finally:
-        probe.unlink()
+    sess, outputs, targets = linear_input_probe(path, names)
     moments: dict[str, np.ndarray] = {}
     for feed in feeds:
         for x, arr in zip(outputs, sess.run(outputs, feed), strict=True):

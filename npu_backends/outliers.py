@@ -51,14 +51,15 @@ def linear_inputs(graph: onnx.GraphProto) -> dict[str, tuple[str, str]]:
     return {n.name: (n.input[0], n.input[1]) for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits}
 
 
-def activation_stats(path: str | Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, ChannelStats]:
-    """Run the float graph on recorded feeds with every linear input exposed as an output."""
+def linear_input_probe(path: str | Path, names=None) -> tuple[ort.InferenceSession, list[str], dict]:
+    """A session of the float graph at `path` with the activation input of every weight MatMul (or of the named
+    ones) exposed as an output: (session, those outputs sorted, MatMul name -> (input, weight))."""
     path = Path(path)
     m = onnx.load(str(path), load_external_data=False)  # weights stay in the .data file beside it
-    targets = linear_inputs(m.graph)
+    targets = {k: v for k, v in linear_inputs(m.graph).items() if names is None or k in names}
     outputs = sorted({x for x, _ in targets.values()})
     m.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in outputs)
-    probe = path.with_name(path.stem + ".stats-probe.onnx")  # beside the original: its weights resolve
+    probe = path.with_name(path.stem + ".probe.onnx")  # beside the original: its weights resolve
     onnx.save_model(m, str(probe))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the tensors we name
@@ -66,6 +67,12 @@ def activation_stats(path: str | Path, feeds: list[dict[str, np.ndarray]]) -> di
         sess = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
     finally:
         probe.unlink()
+    return sess, outputs, targets
+
+
+def activation_stats(path: str | Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, ChannelStats]:
+    """Run the float graph on recorded feeds with every linear input exposed as an output."""
+    sess, outputs, targets = linear_input_probe(path)
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
     for feed in feeds:

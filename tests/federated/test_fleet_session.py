@@ -24,9 +24,13 @@ DEMO = Path(__file__).resolve().parents[2] / "models" / "edgefed-demo"
 
 
 def _supernode_pid(agent_pid: int) -> int | None:
+    """The agent's live SuperNode child (a killed one may linger as a zombie until the agent reaps it)."""
     for child in psutil.Process(agent_pid).children():
-        if "supernode" in " ".join(child.cmdline()):
-            return child.pid
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "supernode" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:  # ended (or a zombie) between the listing and the look
+            continue
     return None
 
 

@@ -2,7 +2,7 @@
 
 config.json is the source's plus
     "quantization_config": {"quant_method": "edgefed", "weights": "int8" | "int4", "group_size": G, "format": 1,
-                            "lm_head": "float" | "int8" | "int4"[, "scale_dtype": "float32"]}
+                            "lm_head": "float" | "int8" | "int4"[, "scale_dtype": "float32" | "float16"]}
 (int8: G = -1 for one scale per output row, as GPTQ spells per-channel, or a group size; int4: a group size).
 model.safetensors keeps the Hugging Face names. Every linear the layout table lets quantize
 (edge_node.model.layout.LINEARS, per Hugging Face module), and the head where lm_head says so (int4 only in an
@@ -12,8 +12,9 @@ checkpoint), is stored as
                   <module>.weight_scale F32  (out,)
     int8, G > 0:  <module>.weight       I8   (out, in)      w ~= weight * weight_scale + weight_zero, per group
                   <module>.weight_scale BF16 (out, in / G)  of G input columns (asymmetric: the group's [min, max];
-                  <module>.weight_zero  BF16 (out, in / G)  with "scale_dtype": "float32", both F32 and each group
-                                                            symmetric (zero 0) or asymmetric, whichever fits better)
+                  <module>.weight_zero  BF16 (out, in / G)  with "scale_dtype": "float32" (or "float16"), both F32
+                                                            (F16) and each group symmetric (zero 0) or asymmetric,
+                                                            whichever fits better)
     int4: <module>.weight       U8   (out, in / 2)  codes q in [0, 15], column 2j in the low nibble of byte j
           <module>.weight_scale BF16 (out, in / G)  w ~= (q - 8) * weight_scale + weight_zero, per group of G
           <module>.weight_zero  BF16 (out, in / G)  input columns (bfloat16: what torch's int4 kernel computes with)
@@ -58,8 +59,8 @@ DEFAULT_INT8_GROUP_SIZE = -1
 HEAD = "lm_head.weight"
 HEADS = ("float", "int8", "int4")
 DEFAULT_HEAD = {"int8": "float", "int4": "int8"}  # measured: see the module docstring
-SCALE_DTYPES = ("bfloat16", "float32")
-SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float32": "F32"}
+SCALE_DTYPES = ("bfloat16", "float32", "float16")
+SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}
 
 
 class QuantConfigError(ModelConfigError):
@@ -87,7 +88,8 @@ class QuantConfig:
         """From the command line's --weights, --group-size, --lm-head and --scale-dtype (defaults above)."""
         if scale_dtype is not None and (scale_dtype not in SCALE_DTYPES or weights == "int4" and
                                         scale_dtype != "bfloat16"):
-            raise QuantizeError(f"--scale-dtype must be bfloat16 or (group-wise int8) float32, got {scale_dtype!r}")
+            raise QuantizeError(f"--scale-dtype must be bfloat16 or (group-wise int8) float32 or float16, got "
+                                f"{scale_dtype!r}")
         if weights not in WEIGHTS:
             raise QuantizeError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         lm_head = lm_head or DEFAULT_HEAD[weights]
@@ -142,8 +144,9 @@ class QuantConfig:
         if head not in HEADS or (head == "int4" and weights != "int4"):
             raise QuantConfigError(f"{where}: lm_head {head!r}, expected float, int8 or (in an int4 checkpoint) int4")
         scale_dtype = q.get("scale_dtype", "bfloat16")
-        if scale_dtype not in SCALE_DTYPES or scale_dtype == "float32" and weights != "int8":
-            raise QuantConfigError(f"{where}: scale_dtype {scale_dtype!r}, expected bfloat16 or (int8) float32")
+        if scale_dtype not in SCALE_DTYPES or scale_dtype != "bfloat16" and weights != "int8":
+            raise QuantConfigError(f"{where}: scale_dtype {scale_dtype!r}, expected bfloat16 or (int8) float32 "
+                                   f"or float16")
         return cls(weights, group, head, scale_dtype)
 
     @classmethod

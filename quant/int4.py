@@ -59,6 +59,14 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)  # (out, in/2, 2) -> (out, in)
 
 
+def _unpacked(packed: torch.Tensor) -> torch.Tensor:
+    """(out, in/2) uint8 -> (out, in) uint8 codes in [0, 15], a row chunk at a time (no int32 copy of it all)."""
+    out = torch.empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.uint8)
+    for r in range(0, packed.shape[0], _TILE_ROWS):
+        out[r: r + _TILE_ROWS] = unpack_nibbles(packed[r: r + _TILE_ROWS])
+    return out
+
+
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight (out, in) the codes stand for."""
@@ -130,12 +138,20 @@ class Int4Linear(nn.Module):
             self.zeros = nn.Parameter(zeros, requires_grad=False)
 
     def _to_native(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """The native kernels' layout (edge_node.model.native): codes regrouped per 32-column block, float32
-        scales, and zeros holding z - 8 s, so that w = q s + zero (the same float weight, float32 math)."""
+        """The native kernels' layout (edge_node.model.native). Packed (AVX512-VNNI): codes regrouped per 16 rows,
+        the stored bfloat16 scales and zeros. Plain: codes regrouped per 32-column block, float32 scales, and
+        zeros holding z - 8 s, so that w = q s + zero. The same float weight either way."""
+        b = None if self.bias is None else self.bias.data.float().contiguous()
+        if native.packs(self.out_features, self.in_features, self.group_size):  # regrouped for VNNI
+            self.nw = native.pack_q4(_unpacked(codes), scales, zeros, self.group_size, b)  # w = (q - 8) s + z
+            self.packed = nn.Parameter(self.nw.data, requires_grad=False)
+            self.scales = nn.Parameter(self.nw.scales, requires_grad=False)
+            self.zeros = nn.Parameter(self.nw.zeros, requires_grad=False)
+            return
+        s = scales.float()
         packed = torch.empty_like(codes)  # (out, in/2), allocated before the row chunks' temporaries
         for r in range(0, codes.shape[0], _TILE_ROWS):
             packed[r: r + _TILE_ROWS] = native.q4_layout(unpack_nibbles(codes[r: r + _TILE_ROWS]))
-        s = scales.float()
         self.packed = nn.Parameter(packed, requires_grad=False)
         self.scales = nn.Parameter(s, requires_grad=False)
         self.zeros = nn.Parameter(zeros.float() - _MID * s, requires_grad=False)

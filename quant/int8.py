@@ -58,12 +58,13 @@ def quantize_groups8(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype 
     pushes the group's top past code 127, the code clamps (an error of at most about one step).
     The caller checks that G divides `in`.
 
-    scale_dtype=float32: each group takes whichever of two float32 grids represents it with the smaller largest
-    error: the asymmetric one above, or a symmetric one (s = max|w| / 127, z = 0: Q8_0's grid, which a weight
-    imported from a Q8_0 file lies on exactly).
+    scale_dtype=float32 or float16: each group takes whichever of two grids represents it with the smaller
+    largest error: the asymmetric one above, or a symmetric one (s = max|w| / 127, z = 0: Q8_0's grid, which a
+    weight imported from a Q8_0 file lies on exactly). float16 (Q8_0's own scale type) rounds s and z first and
+    chooses the codes for the rounded values; it halves the bytes a token reads of them.
     """
-    if scale_dtype == torch.float32:
-        return _quantize_groups8_f32(w, group_size)
+    if scale_dtype in (torch.float32, torch.float16):
+        return _quantize_groups8_f32(w, group_size, scale_dtype)
     out, cols = w.shape
     groups = cols // group_size
     q = torch.empty(out, cols, dtype=torch.int8)
@@ -80,19 +81,25 @@ def quantize_groups8(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype 
     return q, scales, zeros
 
 
-def _quantize_groups8_f32(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_groups8_f32(w: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, cols = w.shape
     groups = cols // group_size
     q = torch.empty(out, cols, dtype=torch.int8)
-    scales = torch.empty(out, groups, dtype=torch.float32)
-    zeros = torch.empty(out, groups, dtype=torch.float32)
+    scales = torch.empty(out, groups, dtype=dtype)
+    zeros = torch.empty(out, groups, dtype=dtype)
+    tiny = 2.0 ** -24 if dtype == torch.float16 else 0.0  # float16's least step: no scale rounds to 0
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).float()
+
     for r in range(0, out, 4096):  # row blocks: float temporaries stay small for big matrices
         x = w[r: r + 4096].float().reshape(-1, groups, group_size)  # (rows, groups, G)
         lo, hi = x.amin(dim=-1), x.amax(dim=-1)  # (rows, groups)
-        sa = (hi - lo).clamp(min=1e-10) / 255
-        za = lo + 128 * sa  # code -128 at the group's minimum
+        sa = rounded((hi - lo).clamp(min=1e-10) / 255).clamp(min=tiny)
+        za = rounded(lo + 128 * sa)  # code -128 at the group's minimum
         qa = torch.round((x - za[..., None]) / sa[..., None]).clamp(-128, 127)
-        ss = x.abs().amax(dim=-1).clamp(min=1e-10) / _QMAX
+        ss = rounded(x.abs().amax(dim=-1).clamp(min=1e-10) / _QMAX).clamp(min=tiny)
         qs = torch.round(x / ss[..., None]).clamp(-_QMAX, _QMAX)
         err_a = (qa * sa[..., None] + za[..., None] - x).abs().amax(dim=-1)
         err_s = (qs * ss[..., None] - x).abs().amax(dim=-1)
@@ -143,8 +150,13 @@ class Int8Linear(nn.Module):
         self.nw: native.NativeWeight | None = None  # the native kernels' view: the same codes, group = a row
         if weight.shape[0] and not self.pad and native.fits(weight.shape[1]) and native.enabled():
             b = None if bias is None else bias.float().contiguous()
-            self.nw = native.NativeWeight(native.Q8, weight.shape[0], weight.shape[1], self.qweight.data,
-                                          weight.shape[1], self.scale.data.float().reshape(-1, 1), None, b)
+            s = self.scale.data.float().reshape(-1, 1)
+            if native.packs(*weight.shape, weight.shape[1]):  # regrouped for VNNI: the packed bytes replace q
+                self.nw = native.pack_q8(weight, s, None, weight.shape[1], b)
+                self.qweight = nn.Parameter(self.nw.data, requires_grad=False)
+            else:
+                self.nw = native.NativeWeight(native.Q8, weight.shape[0], weight.shape[1], self.qweight.data,
+                                              weight.shape[1], s, None, b)
 
     def native_weight(self) -> native.NativeWeight | None:
         return self.nw
@@ -152,6 +164,8 @@ class Int8Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized (out, in) float32 weight, for whoever needs plain values (ONNX export)."""
+        if self.nw is not None and self.nw.kind == native.Q8P:
+            return native.dequantize(self.nw)
         return dequantize_rows(self.qweight[:, : self.qweight.shape[1] - self.pad], self.scale)
 
     def pack(self) -> None:
@@ -200,10 +214,16 @@ class Int8GroupLinear(nn.Module):
         self.nw: native.NativeWeight | None = None
         group = cols // scales.shape[1]
         if out and native.fits(cols, group) and native.enabled():  # the codes as they are, float32 scales
+            b = None if bias is None else bias.float().contiguous()
+            if native.packs(out, cols, group):  # regrouped for VNNI (symmetric groups: no zeros to add)
+                self.nw = native.pack_q8(weight, scales, zeros if zeros.any() else None, group, b)
+                self.q = nn.Parameter(self.nw.data, requires_grad=False)
+                self.scales = nn.Parameter(self.nw.scales, requires_grad=False)
+                self.zeros = None if self.nw.zeros is None else nn.Parameter(self.nw.zeros, requires_grad=False)
+                return
             self.q = nn.Parameter(weight, requires_grad=False)
             self.scales = nn.Parameter(scales.float(), requires_grad=False)
             self.zeros = nn.Parameter(zeros.float(), requires_grad=False)
-            b = None if bias is None else bias.float().contiguous()
             self.nw = native.NativeWeight(native.Q8, out, cols, self.q.data, group, self.scales.data,
                                           self.zeros.data, b)
             return

@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
                    help="input columns per scale (int4 default 32; int8 default -1: one scale per row)")
     p.add_argument("--lm-head", metavar="float|int8|int4",
                    help="the head's weights (default: float for int8, int8 for int4); int4 decodes fastest")
-    p.add_argument("--scale-dtype", metavar="float32|bfloat16",
+    p.add_argument("--scale-dtype", metavar="float32|float16|bfloat16",
                    help="group-wise int8's scales and zeros (default float32: each group symmetric or asymmetric, "
-                        "whichever fits; int4 keeps bfloat16)")
+                        "whichever fits; float16 the same on float16 values, half their bytes, Q8_0's scale type; "
+                        "int4 keeps bfloat16)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace the checkpoint in a non-empty --out directory")
     p.add_argument("--json", action="store_true")

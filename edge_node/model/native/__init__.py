@@ -10,16 +10,24 @@ from .weights import (
            F32,
            F32T,
            Q4,
+           Q4P,
            Q8,
+           Q8P,
            NativeWeight,
            dequantize,
            enabled,
            fits,
            float_weight,
            matmul,
+           pack_q4,
+           pack_q8,
+           packs,
            q4_codes,
            q4_layout,
+           quantize_input,
+           unpack_codes,
 )
 
-__all__ = ["F32", "F32T", "Q4", "Q8", "NativeBuildError", "NativeDecoder", "NativeWeight", "dequantize", "enabled",
-           "fits", "float_weight", "library", "matmul", "q4_codes", "q4_layout"]
+__all__ = ["F32", "F32T", "Q4", "Q4P", "Q8", "Q8P", "NativeBuildError", "NativeDecoder", "NativeWeight", "dequantize",
+           "enabled", "fits", "float_weight", "library", "matmul", "pack_q4", "pack_q8", "packs", "q4_codes",
+           "q4_layout", "quantize_input", "unpack_codes"]

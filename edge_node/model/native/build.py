@@ -86,7 +86,8 @@ def build(cc: str | None = None, source: Path = SOURCE) -> Path:
 
 class EfLinear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32),
-                ("group", ctypes.c_int32), ("row_stride", ctypes.c_int64), ("data", ctypes.c_void_p),
+                ("group", ctypes.c_int32), ("sdtype", ctypes.c_int32), ("pad_", ctypes.c_int32),
+                ("row_stride", ctypes.c_int64), ("data", ctypes.c_void_p),
                 ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
@@ -115,6 +116,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.ef_model_free.argtypes, lib.ef_model_free.restype = [ctypes.POINTER(EfModel)], None
     lib.ef_step.argtypes, lib.ef_step.restype = [ctypes.POINTER(EfModel), i, i, p, p, p, p, i], i
     lib.ef_has_avx512.argtypes, lib.ef_has_avx512.restype = [], i
+    lib.ef_has_vnni.argtypes, lib.ef_has_vnni.restype = [], i
     return lib
 
 

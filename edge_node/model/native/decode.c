@@ -6,7 +6,13 @@
  *   q8: w = q * s + z   (q int8; z absent for symmetric layouts)
  *   q4: w = q * s + z   (q in [0, 15]; the 16 bytes of a 32-column block hold column j in the low nibble of
  *                        byte j and column j + 16 in the high one; z already holds the loader's offset)
- * Activations and accumulation are float32 throughout: no bfloat16 rounding anywhere.
+ *   q8p, q4p (packed, where the CPU has AVX512-VNNI): the same codes regrouped per 16 output rows, so that one
+ *       64-byte load holds 4 input columns (q8p) or 8 (q4p, two nibbles a byte) of 16 rows: for row block b,
+ *       the bytes of column group c (4 or 8 columns) of row i sit at b * row_stride + c * 64 + i * 4 + j.
+ *       q8p bytes hold q + 128; q4p byte j holds column 8c + j (low nibble) and 8c + 4 + j (high one), and
+ *       w = (q - 8) s + z. Scales and zeros are (rows / 16, cols / group, 16) in float32, bfloat16 or float16. A packed GEMV quantizes its input to int8 per block of 32
+ *       (one float scale each, as llama.cpp's Q8_0 activations) and multiplies in int32 with vpdpbusd.
+ * Otherwise activations and accumulation are float32: no bfloat16 rounding anywhere.
  *
  * Threads: a small pthread pool (the calling thread is thread 0). Work is split by output rows (GEMVs),
  * by heads (attention); threads meet at spin barriers inside a step and sleep on a condition variable
@@ -29,11 +35,18 @@
 #include <immintrin.h>
 #endif
 
-enum { EF_F32 = 0, EF_Q8 = 1, EF_Q4 = 2, EF_F32T = 3 }; /* F32T: float32 stored column-major, (cols, rows) */
+enum { EF_F32 = 0, EF_Q8 = 1, EF_Q4 = 2, EF_F32T = 3, EF_Q8P = 4, EF_Q4P = 5 }; /* F32T: float32 column-major */
+#define PACKED(w) ((w)->kind == EF_Q8P || (w)->kind == EF_Q4P)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define EF_VNNI 1
+#endif
+
+enum { EF_S_F32 = 0, EF_S_BF16 = 1, EF_S_F16 = 2 }; /* packed layouts' scale and zero storage */
 
 typedef struct {
     int32_t kind, rows, cols, group; /* group: input columns per scale (q8, q4) */
-    int64_t row_stride;              /* elements per row: floats (f32) or bytes (q8, q4) */
+    int32_t sdtype, pad_;            /* packed kinds: EF_S_*; plain kinds: float32 */
+    int64_t row_stride;              /* elements per row: floats (f32) or bytes (q8, q4); bytes per 16 rows (packed) */
     const void *data;
     const float *scales; /* (rows, cols / group) */
     const float *zeros;  /* (rows, cols / group) or NULL */
@@ -473,6 +486,152 @@ static void gemv(const ef_linear *w, const float *x, float *y, int r0, int r1, i
 #endif
 }
 
+/* ---------------------------------------------------------------- packed int8 / int4 (AVX512-VNNI) */
+
+typedef struct {
+    int8_t *q;    /* (cols) the input's int8 codes */
+    float *d;     /* (cols / 32) their scales: x ~ q * d */
+    int32_t *sum; /* (cols / 32) sums of the codes per block */
+} ef_qx;
+
+/* x (cols, a multiple of 32) -> int8 per block of 32: d = max|x| / 127, q = round-half-even(x * (127 / max|x|)) */
+static void quantize_x(const float *x, int cols, const ef_qx *o) {
+    for (int b = 0; b < cols / 32; b++) {
+        const float *p = x + 32 * b;
+#ifdef __AVX512F__
+        __m512 a = _mm512_loadu_ps(p), c = _mm512_loadu_ps(p + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        float id = amax > 0.f ? 127.f / amax : 0.f;
+        __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+        __m512i ic = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(o->q + 32 * b), _mm512_cvtsepi32_epi8(ia));
+        _mm_storeu_si128((__m128i *)(o->q + 32 * b + 16), _mm512_cvtsepi32_epi8(ic));
+        o->sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ic));
+#else
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fabsf(p[i]) > amax ? fabsf(p[i]) : amax;
+        float id = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t s = 0;
+        for (int i = 0; i < 32; i++) {
+            int32_t q = (int32_t)nearbyintf(p[i] * id);
+            o->q[32 * b + i] = (int8_t)q;
+            s += q;
+        }
+        o->sum[b] = s;
+#endif
+        o->d[b] = amax / 127.f;
+    }
+}
+
+/* element i of a packed layout's scales or zeros */
+static inline float s_at(const void *p, int64_t i, int dt) {
+    if (dt == EF_S_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dt == EF_S_BF16) {
+        uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    return (float)*(const _Float16 *)&h;
+#endif
+}
+
+#ifdef EF_VNNI
+/* 16 consecutive scales or zeros of a packed layout, as float32 */
+static inline __m512 load_s16(const void *p, int64_t off, int dt) {
+    if (dt == EF_S_F32) return _mm512_loadu_ps((const float *)p + off);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + off));
+    if (dt == EF_S_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+/* One 32-column block of NB row blocks: int32 partial sums per row (16 lanes), started at `init`. */
+#define Q8P_BLOCK(NB)                                                                                  \
+    for (int k = 0; k < 8; k++) {                                                                      \
+        __m512i xv = _mm512_set1_epi32(*(const int32_t *)(xq + 4 * k));                                \
+        for (int b = 0; b < NB; b++)                                                                   \
+            ia[b] = _mm512_dpbusd_epi32(ia[b], _mm512_loadu_si512(wp[b] + 64 * k), xv);                \
+    }
+#define Q4P_BLOCK(NB)                                                                                  \
+    for (int k = 0; k < 4; k++) {                                                                      \
+        __m512i xlo = _mm512_set1_epi32(*(const int32_t *)(xq + 8 * k));                               \
+        __m512i xhi = _mm512_set1_epi32(*(const int32_t *)(xq + 8 * k + 4));                           \
+        for (int b = 0; b < NB; b++) {                                                                 \
+            __m512i v = _mm512_loadu_si512(wp[b] + 64 * k);                                            \
+            ia[b] = _mm512_dpbusd_epi32(ia[b], _mm512_and_si512(v, lo4), xlo);                         \
+            ia[b] = _mm512_dpbusd_epi32(ia[b], _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4), xhi);   \
+        }                                                                                              \
+    }
+
+/* NB row blocks (16 rows each) starting at block rb: out (NB * 16) = W x^ for the quantized input */
+#define GEMV_PACKED(NB, BLOCK)                                                                                   \
+    static void gemv_packed_##BLOCK##_##NB(const ef_linear *w, const ef_qx *qx, int rb, float *out) {            \
+        const int cols = w->cols, G = w->group, ng = cols / G, per = G / 32;                                     \
+        const int colbytes = w->kind == EF_Q8P ? 32 : 16; /* bytes of one 32-column block of 16 rows / 16 */  \
+        const uint8_t *W = (const uint8_t *)w->data;                                                             \
+        const __m512i lo4 = _mm512_set1_epi8(0x0F);                                                              \
+        (void)lo4;                                                                                               \
+        __m512 acc[NB];                                                                                          \
+        for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();                                               \
+        for (int g = 0; g < ng; g++) {                                                                           \
+            __m512 gacc[NB];                                                                                     \
+            float zs = 0.f;                                                                                      \
+            for (int b = 0; b < NB; b++) gacc[b] = _mm512_setzero_ps();                                          \
+            for (int j = g * per; j < (g + 1) * per; j++) {                                                      \
+                const int8_t *xq = qx->q + 32 * j;                                                               \
+                const uint8_t *wp[NB];                                                                           \
+                __m512i ia[NB];                                                                                  \
+                __m512i init = _mm512_set1_epi32((w->kind == EF_Q8P ? -128 : -8) * qx->sum[j]);                  \
+                for (int b = 0; b < NB; b++) {                                                                   \
+                    wp[b] = W + (int64_t)(rb + b) * w->row_stride + (int64_t)j * 16 * colbytes;                  \
+                    ia[b] = init;                                                                                \
+                }                                                                                                \
+                BLOCK(NB)                                                                                        \
+                __m512 dv = _mm512_set1_ps(qx->d[j]);                                                            \
+                for (int b = 0; b < NB; b++) gacc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[b]), dv, gacc[b]);  \
+                zs += qx->d[j] * (float)qx->sum[j];                                                              \
+            }                                                                                                    \
+            for (int b = 0; b < NB; b++) {                                                                       \
+                int64_t off = ((int64_t)(rb + b) * ng + g) * 16;                                                 \
+                acc[b] = _mm512_fmadd_ps(gacc[b], load_s16(w->scales, off, w->sdtype), acc[b]);                   \
+                if (w->zeros) acc[b] = _mm512_fmadd_ps(load_s16(w->zeros, off, w->sdtype), _mm512_set1_ps(zs), acc[b]); \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(out + 16 * b, acc[b]);                                     \
+    }
+GEMV_PACKED(1, Q8P_BLOCK)
+GEMV_PACKED(4, Q8P_BLOCK)
+GEMV_PACKED(1, Q4P_BLOCK)
+GEMV_PACKED(4, Q4P_BLOCK)
+#endif
+
+/* y[r0:r1] = (add ? y : 0) + W x^ (+ bias) for a packed weight and the quantized input qx */
+static void gemv_packed(const ef_linear *w, const ef_qx *qx, float *y, int r0, int r1, int add) {
+#ifdef EF_VNNI
+    float out[64];
+    for (int rb = r0 / 16; rb * 16 < r1;) {
+        int nb = (r1 - rb * 16 >= 64 && rb * 16 >= r0) ? 4 : 1;
+        if (w->kind == EF_Q8P)
+            (nb == 4 ? gemv_packed_Q8P_BLOCK_4 : gemv_packed_Q8P_BLOCK_1)(w, qx, rb, out);
+        else
+            (nb == 4 ? gemv_packed_Q4P_BLOCK_4 : gemv_packed_Q4P_BLOCK_1)(w, qx, rb, out);
+        int lo = rb * 16 > r0 ? rb * 16 : r0, hi = (rb + nb) * 16 < r1 ? (rb + nb) * 16 : r1;
+        for (int r = lo; r < hi; r++) {
+            float v = out[r - rb * 16] + (w->bias ? w->bias[r] : 0.f);
+            y[r] = add ? y[r] + v : v;
+        }
+        rb += nb;
+    }
+#else
+    (void)w, (void)qx, (void)y, (void)r0, (void)r1, (void)add;
+    abort(); /* packed layouts are only made where ef_has_vnni() */
+#endif
+}
+
 /* row r of w as float32 (cols) */
 static void dequant_row(const ef_linear *w, int r, float *out) {
     const int cols = w->cols;
@@ -485,6 +644,68 @@ static void dequant_row(const ef_linear *w, int r, float *out) {
         return;
     }
     const int G = w->group, ng = cols / G;
+    if (PACKED(w)) { /* row i of block rb: 4 bytes per 64-byte column group */
+        const uint8_t *q = (const uint8_t *)w->data + (int64_t)(r / 16) * w->row_stride + (r % 16) * 4;
+        const int64_t s0 = (int64_t)(r / 16) * ng * 16 + r % 16; /* this row's first scale (or zero) */
+        const int dt = w->sdtype;
+#ifdef EF_VNNI
+        const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                               _mm512_set1_epi32(64));
+        if (w->kind == EF_Q8P) { /* 16 dwords of the row = 64 columns in order */
+            for (int c = 0; c < cols; c += 64) {
+                int n = (cols - c) / 4 < 16 ? (cols - c) / 4 : 16; /* dwords inside the row */
+                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask(n), idx,
+                                                        (const void *)(q + (int64_t)c * 16), 1);
+                v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80)); /* q + 128 -> q */
+                for (int h = 0; h < 4 && c + 16 * h < cols; h++) {
+                    int g = (c + 16 * h) / G;
+                    __m128i part = h == 0   ? _mm512_extracti32x4_epi32(v, 0)
+                                   : h == 1 ? _mm512_extracti32x4_epi32(v, 1)
+                                   : h == 2 ? _mm512_extracti32x4_epi32(v, 2)
+                                            : _mm512_extracti32x4_epi32(v, 3); /* extract takes an immediate */
+                    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part));
+                    __m512 zv = _mm512_set1_ps(w->zeros ? s_at(w->zeros, s0 + (int64_t)g * 16, dt) : 0.f);
+                    _mm512_storeu_ps(out + c + 16 * h, _mm512_fmadd_ps(f, _mm512_set1_ps(s_at(w->scales, s0 + (int64_t)g * 16, dt)), zv));
+                }
+            }
+            return;
+        }
+        for (int c = 0; c < cols; c += 128) { /* 16 dwords = 128 columns: dword k holds 8k..8k+3 low, 8k+4.. high */
+            int n = (cols - c) / 8 < 16 ? (cols - c) / 8 : 16;
+            __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask(n), idx,
+                                                    (const void *)(q + (int64_t)c * 8), 1);
+            __m512i lo = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+            __m512i a = _mm512_unpacklo_epi32(lo, hi), b = _mm512_unpackhi_epi32(lo, hi); /* per 128-bit lane */
+            __m128i parts[8] = {_mm512_extracti32x4_epi32(a, 0), _mm512_extracti32x4_epi32(b, 0),
+                                _mm512_extracti32x4_epi32(a, 1), _mm512_extracti32x4_epi32(b, 1),
+                                _mm512_extracti32x4_epi32(a, 2), _mm512_extracti32x4_epi32(b, 2),
+                                _mm512_extracti32x4_epi32(a, 3), _mm512_extracti32x4_epi32(b, 3)};
+            for (int h = 0; h < 8 && c + 16 * h < cols; h++) {
+                int g = (c + 16 * h) / G;
+                __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(parts[h]), _mm512_set1_epi32(8)));
+                __m512 zv = _mm512_set1_ps(w->zeros ? s_at(w->zeros, s0 + (int64_t)g * 16, dt) : 0.f);
+                _mm512_storeu_ps(out + c + 16 * h, _mm512_fmadd_ps(f, _mm512_set1_ps(s_at(w->scales, s0 + (int64_t)g * 16, dt)), zv));
+            }
+        }
+        return;
+#endif
+        for (int c = 0; c < (w->kind == EF_Q8P ? cols / 4 : cols / 8); c++) {
+            const uint8_t *p = q + (int64_t)c * 64;
+            for (int j = 0; j < 4; j++) {
+                int k0 = w->kind == EF_Q8P ? 4 * c + j : 8 * c + j, g = k0 / G;
+                float s = s_at(w->scales, s0 + (int64_t)g * 16, dt);
+                float z = w->zeros ? s_at(w->zeros, s0 + (int64_t)g * 16, dt) : 0.f;
+                if (w->kind == EF_Q8P) {
+                    out[k0] = (float)((int)p[j] - 128) * s + z;
+                } else {
+                    out[k0] = (float)((p[j] & 15) - 8) * s + z;
+                    out[k0 + 4] = (float)((p[j] >> 4) - 8) * s + z;
+                }
+            }
+        }
+        return;
+    }
     const float *S = w->scales + (int64_t)r * ng, *Z = w->zeros ? w->zeros + (int64_t)r * ng : NULL;
     if (w->kind == EF_Q8) {
         const int8_t *q = (const int8_t *)w->data + (int64_t)r * w->row_stride;
@@ -574,21 +795,28 @@ typedef struct {
     const float *x;
     float *y;
     float *xs; /* per thread: cols floats */
+    ef_qx qx;  /* packed weights: the input, quantized once */
 } mv_args;
 
 static void mv_fn(void *a_, int ith, int nth) {
     mv_args *a = a_;
     int r0, r1;
-    split(a->w->rows, ith, nth, 4, &r0, &r1);
-    gemv(a->w, a->x, a->y, r0, r1, 0, a->xs + (int64_t)ith * a->w->cols);
+    split(a->w->rows, ith, nth, 16, &r0, &r1);
+    if (PACKED(a->w))
+        gemv_packed(a->w, &a->qx, a->y, r0, r1, 0);
+    else
+        gemv(a->w, a->x, a->y, r0, r1, 0, a->xs + (int64_t)ith * a->w->cols);
 }
 
 /* y (T, rows) = x (T, cols) W^T (+ bias); threads split the rows */
 int ef_matmul(const ef_linear *w, const float *x, float *y, int T, int nth) {
     if (T == 1) {
-        float *xs = malloc(sizeof(float) * (size_t)w->cols * (size_t)(nth > 0 ? nth : 1));
+        /* per thread: cols floats of group sums; or the quantized input: cols bytes + 2 * cols / 32 words */
+        float *xs = malloc(sizeof(float) * (size_t)w->cols * (size_t)(nth > 0 ? nth : 1) + (size_t)w->cols * 2);
         if (!xs) return -1;
-        mv_args a = {w, x, y, xs};
+        int8_t *q = (int8_t *)(xs + (int64_t)w->cols * (nth > 0 ? nth : 1));
+        mv_args a = {w, x, y, xs, {q, (float *)(q + w->cols), (int32_t *)(q + w->cols) + w->cols / 32}};
+        if (PACKED(w)) quantize_x(x, w->cols, &a.qx);
         run(mv_fn, &a, nth);
         free(xs);
         return 0;
@@ -632,10 +860,11 @@ typedef struct {
     barrier_t bar;
 } step_args;
 
-/* scratch layout (floats): x hidden | qkv | att | h13 (2 inter) | act inter | per thread: xn hidden, xs, scores */
+/* scratch layout (floats): x hidden | qkv | att | h13 (2 inter) | act inter |
+ * per thread: xn hidden, xs widest, scores max_pos, the quantized input (widest bytes, 2 widest / 32 words) */
 static int64_t per_thread(const ef_model *m) {
     int64_t widest = m->hidden > m->inter ? m->hidden : m->inter;
-    return m->hidden + widest + m->max_pos + 16;
+    return m->hidden + widest + m->max_pos + widest / 4 + 2 * (widest / 32) + 32;
 }
 
 static inline float *S_x(ef_model *m) { return m->scratch; }
@@ -655,19 +884,32 @@ static void rope(float *out, const float *x, const float *c, const float *s, int
     for (int i = h; i < D; i++) out[i] = x[i] * c[i] + x[i - h] * s[i];
 }
 
+/* y[a0:a1] (+)= W in for any layout: a packed weight quantizes `in` first (each thread its own copy) */
+#define GEMV(W, IN, Y, A0, A1, ADD)                             \
+    do {                                                        \
+        if (PACKED(W)) {                                        \
+            quantize_x(IN, (W)->cols, &qx);                     \
+            gemv_packed(W, &qx, Y, A0, A1, ADD);                \
+        } else {                                                \
+            gemv(W, IN, Y, A0, A1, ADD, xs);                    \
+        }                                                       \
+    } while (0)
+
 static void step_fn(void *a_, int ith, int nth) {
     step_args *a = a_;
     ef_model *m = a->m;
     const int H = m->hidden, D = m->head_dim, NH = m->heads, NKV = m->kv_heads, I = m->inter, pos = a->pos;
     float *x = S_x(m), *qkv = S_qkv(m), *att = S_att(m), *h13 = S_h13(m), *act = S_act(m);
     float *xn = S_thread(m, ith), *xs = xn + H, *sc = xs + (H > I ? H : I);
+    int8_t *xq = (int8_t *)(sc + m->max_pos);
+    const ef_qx qx = {xq, (float *)(xq + (H > I ? H : I)), (int32_t *)(xq + (H > I ? H : I)) + (H > I ? H : I) / 32};
     const float scale = 1.0f / sqrtf((float)D);
     int a0, a1;
     for (int l = 0; l < m->n_layers; l++) {
         ef_layer *L = &m->layers[l];
         rmsnorm(xn, x, L->ln1, H, m->eps);
-        split(L->qkv.rows, ith, nth, 4, &a0, &a1);
-        gemv(&L->qkv, xn, qkv, a0, a1, 0, xs);
+        split(L->qkv.rows, ith, nth, 16, &a0, &a1);
+        GEMV(&L->qkv, xn, qkv, a0, a1, 0);
         barrier(&a->bar, nth);
         split(NKV, ith, nth, 1, &a0, &a1); /* each KV head's rotated key and value into the cache */
         for (int kh = a0; kh < a1; kh++) {
@@ -698,23 +940,26 @@ static void step_fn(void *a_, int ith, int nth) {
             }
         }
         barrier(&a->bar, nth);
-        split(H, ith, nth, 4, &a0, &a1);
-        gemv(&L->o, att, x, a0, a1, 1, xs); /* x += o_proj(att) */
+        split(H, ith, nth, 16, &a0, &a1);
+        GEMV(&L->o, att, x, a0, a1, 1); /* x += o_proj(att) */
         barrier(&a->bar, nth);
         rmsnorm(xn, x, L->ln2, H, m->eps);
-        split(I, ith, nth, 4, &a0, &a1); /* gate rows [a0, a1) and the matching up rows */
-        gemv(&L->w13, xn, h13, a0, a1, 0, xs);
-        gemv(&L->w13, xn, h13, I + a0, I + a1, 0, xs);
+        split(I, ith, nth, 16, &a0, &a1); /* gate rows [a0, a1) and the matching up rows */
+        GEMV(&L->w13, xn, h13, a0, a1, 0);
+        if (PACKED(&L->w13))
+            gemv_packed(&L->w13, &qx, h13, I + a0, I + a1, 0);
+        else
+            gemv(&L->w13, xn, h13, I + a0, I + a1, 0, xs);
         silu_mul(act + a0, h13 + a0, h13 + I + a0, a1 - a0);
         barrier(&a->bar, nth);
-        split(H, ith, nth, 4, &a0, &a1);
-        gemv(&L->w2, act, x, a0, a1, 1, xs); /* x += down(act) */
+        split(H, ith, nth, 16, &a0, &a1);
+        GEMV(&L->w2, act, x, a0, a1, 1); /* x += down(act) */
         barrier(&a->bar, nth);
     }
     if (a->logits) {
         rmsnorm(xn, x, m->norm, H, m->eps);
-        split(m->head.rows, ith, nth, 4, &a0, &a1);
-        gemv(&m->head, xn, a->logits, a0, a1, 0, xs);
+        split(m->head.rows, ith, nth, 16, &a0, &a1);
+        GEMV(&m->head, xn, a->logits, a0, a1, 0);
     }
 }
 
@@ -743,6 +988,14 @@ int ef_step(ef_model *m, int token, int pos, const float *cos, const float *sin,
     run(step_fn, &a, nth);
     if (hidden) memcpy(hidden, S_x(m), sizeof(float) * m->hidden);
     return 0;
+}
+
+int ef_has_vnni(void) {
+#ifdef EF_VNNI
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int ef_has_avx512(void) {

@@ -83,14 +83,14 @@ def test_quantized_native_matmul_equals_dequantize_and_matmul(shape):
         for t in (1, 2, 9, 20):  # the one-token GEMV, the small-prompt kernel (4-token tiles), the blocked GEMM
             r = ref[:t]
             if t == 1 and nw.kind in (native.Q8P, native.Q4P):
-                r = native.quantize_input(x[:1]).double() @ w.double().T + bias.double()
-                assert (r - ref[:1]).abs().max() > 1e-4 * ref.abs().max(), "the input rounding is visible"
+                r = native.quantize_input(x[:1]) @ w.double().T + bias.double()
+                assert (r - ref[:1]).abs().max() > 1e-7 * ref.abs().max(), "the input rounding is visible"
             err = (lin(x[:t]).double() - r).abs().max().item()
             assert err <= 2e-6 * ref.abs().max().item(), f"{name}, {t} token(s): error {err:.3g}"
 
 
 @pytest.mark.skipif(not native.packs(16, 64, 32), reason="no AVX512-VNNI here (or EDGEFED_NATIVE_PACK=0)")
-def test_packed_layouts_round_trip_and_a_half_way_input_rounds_to_even():
+def test_packed_layouts_round_trip_and_the_kernel_rounds_its_input_as_quantize_input_does():
     torch.manual_seed(1)
     q8 = torch.randint(-128, 128, (32, 96), dtype=torch.int8)
     q4 = torch.randint(0, 16, (32, 96), dtype=torch.int32)
@@ -98,11 +98,19 @@ def test_packed_layouts_round_trip_and_a_half_way_input_rounds_to_even():
     assert torch.equal(native.unpack_codes(native.pack_q8(q8, s, None, 32)), q8.int())
     assert torch.equal(native.unpack_codes(native.pack_q4(q4, s, s, 32)), q4)
     x = torch.zeros(32)
-    x[0], x[1], x[2] = 127.0, 2.5, 3.5  # scale 1: 2.5 -> 2 and 3.5 -> 4, as the C rounds (half to even)
-    assert native.quantize_input(x)[:3].tolist() == [127.0, 2.0, 4.0]
-    lin = Int8Linear(torch.eye(32, dtype=torch.int8).repeat(1, 1)[:, :32].contiguous(), torch.ones(32))
-    assert lin.native_weight().kind == native.Q8P
-    assert lin(x[None])[0, :3].tolist() == [127.0, 2.0, 4.0]  # the kernel's own rounding of the same input
+    x[0], x[1], x[2], x[3] = 127.0, 2.5, 3.5, 0.3  # level 1 (scale 1): 2, 4 (half to even), 0; level 2 keeps
+    got = native.quantize_input(x)  # the remainders 0.5, -0.5, 0.3 on the scale 0.5 / 127
+    assert (got - x.double()).abs().max() <= 0.5 / 127 / 2 + 1e-7
+    one = Int8Linear(torch.eye(32, dtype=torch.int8), torch.ones(32))  # y = x^: the kernel's own rounding
+    assert one.native_weight().kind == native.Q8P
+    assert torch.equal(one(x[None])[0], got.float())
+    x = torch.randn(4, 96) * torch.logspace(-3, 3, 96)  # values of many magnitudes, ties unlikely
+    one = Int8Linear(torch.eye(96, dtype=torch.int8), torch.ones(96))
+    got, want = torch.stack([one(r[None])[0] for r in x]).double(), native.quantize_input(x)
+    assert ((got - want).abs() <= 1e-6 * want.abs()).all()  # q d + q2 d2 summed in float32: an ulp or so
+    amax = x.double().reshape(4, 3, 32).abs().amax(-1, keepdim=True)  # each block's largest
+    err = (want - x.double()).reshape(4, 3, 32).abs()
+    assert (err <= amax / 127 / 254 * 1.01).all()  # two levels: half a step of the second (one level: of 1/127)
 
 
 def test_native_int4_layout_round_trips():

@@ -5,9 +5,9 @@ or int8 / int4 codes with float32 scales (and zeros) per group of input columns.
 their weight this way expose `native_weight() -> NativeWeight | None`.
 
 Where the CPU has AVX512-VNNI, quantized weights are kept *packed* (`pack_q8`, `pack_q4`): codes regrouped per
-16 output rows for vpdpbusd. A one-token product then quantizes its input to int8 per block of 32 (one float32
-scale each, as llama.cpp does for Q8_0 and Q4_0 weights) and multiplies in int32: `quantize_input` is that
-rounding in torch, for references. Prompts (2+ tokens) keep float32 inputs: the weights are dequantized.
+16 output rows for vpdpbusd. A one-token product then rounds its input to two levels of int8 per block of 32
+(x ~ q d + q2 d2: ~16 bits, where llama.cpp's Q8_0 activations keep one level) and multiplies in int32:
+`quantize_input` is that rounding in torch, for references. Prompts (2+ tokens) keep float32 inputs: the weights are dequantized.
 """
 
 from __future__ import annotations
@@ -201,12 +201,21 @@ def unpack_codes(weight: NativeWeight) -> torch.Tensor:
 
 
 def quantize_input(x: torch.Tensor) -> torch.Tensor:
-    """The float32 values a packed one-token product multiplies: x (..., cols) rounded to int8 per block of 32
-    (scale max|x| / 127, round half to even), as decode.c rounds them."""
+    """The values a packed one-token product multiplies, in float64: x (..., cols) in two int8 levels per block
+    of 32, x ~ q d + q2 d2, as decode.c rounds them (d = max|x| / 127, q = round-half-even(x * (127 / max|x|)),
+    and q2, d2 the same for the remainder x - q d)."""
+
+    def level(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # float32 (..., blocks, 32)
+        amax = v.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        return (v * inv).round(), amax / 127.0
+
     b = x.float().reshape(*x.shape[:-1], -1, BLOCK)
-    amax = b.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return ((b * inv).round() * (amax / 127.0)).reshape(x.shape)
+    q, d = level(b)
+    r = (b.double() - q.double() * d.double()).float()  # exact difference, one rounding (decode.c's fmaf)
+    q2, d2 = level(r)
+    return (q.double() * d.double() + q2.double() * d2.double()).reshape(x.shape)
+
 
 
 def q4_layout(codes: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from edge_node.model import native
 from tests.quant.test_int8_agreement import REAL, heldout_windows
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (REAL / "config.json").is_file(), reason="real model absent: run `make real-model`"),
+              pytest.mark.skipif(not (REAL / "config.json").is_file(),
+                                 reason="real model absent: run `make real-model`"),
               pytest.mark.skipif(not native.packs(16, 64, 32), reason="no AVX512-VNNI here: nothing is packed")]
 
 

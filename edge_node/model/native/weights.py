@@ -7,7 +7,8 @@ their weight this way expose `native_weight() -> NativeWeight | None`.
 Where the CPU has AVX512-VNNI, quantized weights are kept *packed* (`pack_q8`, `pack_q4`): codes regrouped per
 16 output rows for vpdpbusd. A one-token product then rounds its input to two levels of int8 per block of 32
 (x ~ q d + q2 d2: ~16 bits, where llama.cpp's Q8_0 activations keep one level) and multiplies in int32:
-`quantize_input` is that rounding in torch, for references. Prompts (2+ tokens) keep float32 inputs: the weights are dequantized.
+`quantize_input` is that rounding in torch, for references. Prompts (2+ tokens) keep float32 inputs: the weights
+are dequantized.
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ def _linears(out: int, cols: int, bias: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("shape", [(96, 64), (7, 160), (48, 96), (1536, 576)])
 def test_quantized_native_matmul_equals_dequantize_and_matmul(shape):
-    """Every layout against W x in float64: a packed weight's one-token product against W x^ (x rounded to int8
-    per block of 32, as `quantize_input` rounds it); prompts (2+ tokens) against W x itself."""
+    """Every layout against W x in float64; a packed weight's products against W x^ (every token rounded to two
+    int8 levels per block of 32, as `quantize_input` rounds it)."""
     torch.manual_seed(0)
     out, cols = shape
     x, bias = torch.randn(20, cols), torch.randn(out)
@@ -81,10 +81,11 @@ def test_quantized_native_matmul_equals_dequantize_and_matmul(shape):
         assert torch.allclose(lin.weight, w, atol=1e-6), f"{name}: native layout round trip"
         ref = x.double() @ w.double().T + bias.double()
         for t in (1, 2, 9, 20):  # the one-token GEMV, the small-prompt kernel (4-token tiles), the blocked GEMM
+            #                      (packed: the GEMV, then the int8 GEMM's 4-token tiles and its 1-token tail)
             r = ref[:t]
-            if t == 1 and nw.kind in (native.Q8P, native.Q4P):
-                r = native.quantize_input(x[:1]) @ w.double().T + bias.double()
-                assert (r - ref[:1]).abs().max() > 1e-7 * ref.abs().max(), "the input rounding is visible"
+            if nw.kind in (native.Q8P, native.Q4P):  # every token rounded as a decode step rounds its one
+                r = native.quantize_input(x[:t]) @ w.double().T + bias.double()
+                assert (r - ref[:t]).abs().max() > 1e-7 * ref.abs().max(), "the input rounding is visible"
             err = (lin(x[:t]).double() - r).abs().max().item()
             assert err <= 2e-6 * ref.abs().max().item(), f"{name}, {t} token(s): error {err:.3g}"
 

@@ -810,6 +810,112 @@ static void mm_fn(void *a_, int ith, int nth) {
     }
 }
 
+#ifdef EF_VNNI
+/* Prompts on a packed weight: TT tokens of one row block (16 rows) at a time, every weight vector loaded once
+ * for the TT tokens' two levels; out (TT, 16) rows of y (ldy floats apart). */
+#define GEMM_PACKED(TT, BLOCK)                                                                                   \
+    static void gemm_packed_##BLOCK##_##TT(const ef_linear *w, const ef_qx *qx, int nbk, int rb, float *y,      \
+                                            int64_t ldy) {                                                       \
+        const int cols = w->cols, G = w->group, ng = cols / G, per = G / 32;                                     \
+        const int colbytes = w->kind == EF_Q8P ? 32 : 16;                                                        \
+        const int off = w->kind == EF_Q8P ? -128 : -8;                                                           \
+        const uint8_t *W = (const uint8_t *)w->data + (int64_t)rb * w->row_stride;                               \
+        const __m512i lo4 = _mm512_set1_epi8(0x0F);                                                              \
+        (void)lo4;                                                                                               \
+        __m512 acc[TT];                                                                                          \
+        for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();                                               \
+        for (int g = 0; g < ng; g++) {                                                                           \
+            __m512 gacc[TT];                                                                                     \
+            float zs[TT];                                                                                        \
+            for (int t = 0; t < TT; t++) gacc[t] = _mm512_setzero_ps(), zs[t] = 0.f;                             \
+            for (int j = g * per; j < (g + 1) * per; j++) {                                                      \
+                const uint8_t *wp = W + (int64_t)j * 16 * colbytes;                                              \
+                const ef_qblock *B[TT];                                                                          \
+                __m512i ia[TT], ib[TT];                                                                          \
+                for (int t = 0; t < TT; t++) {                                                                   \
+                    B[t] = qx + (int64_t)t * nbk + j;                                                            \
+                    ia[t] = _mm512_set1_epi32(off * B[t]->sum);                                                  \
+                    ib[t] = _mm512_set1_epi32(off * B[t]->sum2);                                                 \
+                }                                                                                                \
+                BLOCK(TT)                                                                                        \
+                for (int t = 0; t < TT; t++) {                                                                   \
+                    gacc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib[t]), _mm512_set1_ps(B[t]->d2),              \
+                                              _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[t]), _mm512_set1_ps(B[t]->d), \
+                                                              gacc[t]));                                         \
+                    zs[t] += B[t]->d * (float)B[t]->sum + B[t]->d2 * (float)B[t]->sum2;                          \
+                }                                                                                                \
+            }                                                                                                    \
+            int64_t so = ((int64_t)rb * ng + g) * 16;                                                            \
+            __m512 sv = load_s16(w->scales, so, w->sdtype);                                                      \
+            __m512 zv = w->zeros ? load_s16(w->zeros, so, w->sdtype) : _mm512_setzero_ps();                      \
+            for (int t = 0; t < TT; t++)                                                                         \
+                acc[t] = _mm512_fmadd_ps(zv, _mm512_set1_ps(zs[t]), _mm512_fmadd_ps(gacc[t], sv, acc[t]));       \
+        }                                                                                                        \
+        __m512 bv = w->bias ? _mm512_loadu_ps(w->bias + (int64_t)rb * 16) : _mm512_setzero_ps();                 \
+        for (int t = 0; t < TT; t++) _mm512_storeu_ps(y + t * ldy + (int64_t)rb * 16, _mm512_add_ps(acc[t], bv)); \
+    }
+/* the same weight vector against TT tokens, both levels */
+#define Q8P_GEMM(TT)                                                                                   \
+    for (int k = 0; k < 8; k++) {                                                                      \
+        __m512i v = _mm512_loadu_si512(wp + 64 * k);                                                   \
+        for (int t = 0; t < TT; t++) {                                                                 \
+            ia[t] = _mm512_dpbusd_epi32(ia[t], v, _mm512_set1_epi32(*(const int32_t *)(B[t]->q + 4 * k)));   \
+            ib[t] = _mm512_dpbusd_epi32(ib[t], v, _mm512_set1_epi32(*(const int32_t *)(B[t]->q2 + 4 * k)));  \
+        }                                                                                              \
+    }
+#define Q4P_GEMM(TT)                                                                                   \
+    for (int k = 0; k < 4; k++) {                                                                      \
+        __m512i v = _mm512_loadu_si512(wp + 64 * k);                                                   \
+        __m512i lo = _mm512_and_si512(v, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);    \
+        for (int t = 0; t < TT; t++) {                                                                 \
+            ia[t] = _mm512_dpbusd_epi32(ia[t], lo, _mm512_set1_epi32(*(const int32_t *)(B[t]->q + 8 * k)));      \
+            ib[t] = _mm512_dpbusd_epi32(ib[t], lo, _mm512_set1_epi32(*(const int32_t *)(B[t]->q2 + 8 * k)));     \
+            ia[t] = _mm512_dpbusd_epi32(ia[t], hi, _mm512_set1_epi32(*(const int32_t *)(B[t]->q + 8 * k + 4)));  \
+            ib[t] = _mm512_dpbusd_epi32(ib[t], hi, _mm512_set1_epi32(*(const int32_t *)(B[t]->q2 + 8 * k + 4))); \
+        }                                                                                              \
+    }
+GEMM_PACKED(4, Q8P_GEMM)
+GEMM_PACKED(1, Q8P_GEMM)
+GEMM_PACKED(4, Q4P_GEMM)
+GEMM_PACKED(1, Q4P_GEMM)
+#endif
+
+typedef struct {
+    const ef_linear *w;
+    const float *x; /* (T, cols) */
+    float *y;       /* (T, rows) */
+    int T;
+    ef_qx *qx; /* (T, cols / 32): the tokens, quantized */
+    barrier_t bar;
+} pm_args;
+
+static void pm_fn(void *a_, int ith, int nth) {
+    pm_args *a = a_;
+    const ef_linear *w = a->w;
+    const int nbk = w->cols / 32;
+    int t0, t1;
+    split(a->T, ith, nth, 1, &t0, &t1); /* first each thread rounds its share of the tokens */
+    for (int t = t0; t < t1; t++) quantize_x(a->x + (int64_t)t * w->cols, w->cols, a->qx + (int64_t)t * nbk);
+    barrier(&a->bar, nth);
+#ifdef EF_VNNI
+    int r0, r1;
+    split(w->rows, ith, nth, 16, &r0, &r1);
+    for (int rb = r0 / 16; rb < r1 / 16; rb++) {
+        int t = 0;
+        for (; t + 4 <= a->T; t += 4) {
+            const ef_qx *q = a->qx + (int64_t)t * nbk;
+            float *y = a->y + (int64_t)t * w->rows;
+            (w->kind == EF_Q8P ? gemm_packed_Q8P_GEMM_4 : gemm_packed_Q4P_GEMM_4)(w, q, nbk, rb, y, w->rows);
+        }
+        for (; t < a->T; t++) {
+            const ef_qx *q = a->qx + (int64_t)t * nbk;
+            float *y = a->y + (int64_t)t * w->rows;
+            (w->kind == EF_Q8P ? gemm_packed_Q8P_GEMM_1 : gemm_packed_Q4P_GEMM_1)(w, q, nbk, rb, y, w->rows);
+        }
+    }
+#endif
+}
+
 typedef struct {
     const ef_linear *w;
     const float *x;
@@ -839,6 +945,13 @@ int ef_matmul(const ef_linear *w, const float *x, float *y, int T, int nth) {
         if (PACKED(w)) quantize_x(x, w->cols, a.qx);
         run(mv_fn, &a, nth);
         free(xs);
+        return 0;
+    }
+    if (PACKED(w)) { /* the tokens in two int8 levels, as a decode step rounds its one */
+        pm_args a = {w, x, y, T, malloc(sizeof(ef_qblock) * (size_t)T * (size_t)(w->cols / 32)), {0, 0, 0}};
+        if (!a.qx) return -1;
+        run(pm_fn, &a, nth);
+        free(a.qx);
         return 0;
     }
     float *buf = malloc(sizeof(float) * 4 * (size_t)w->cols * (size_t)(nth > 0 ? nth : 1));

@@ -7,8 +7,9 @@ their weight this way expose `native_weight() -> NativeWeight | None`.
 Where the CPU has AVX512-VNNI, quantized weights are kept *packed* (`pack_q8`, `pack_q4`): codes regrouped per
 16 output rows for vpdpbusd. A one-token product then rounds its input to two levels of int8 per block of 32
 (x ~ q d + q2 d2: ~16 bits, where llama.cpp's Q8_0 activations keep one level) and multiplies in int32:
-`quantize_input` is that rounding in torch, for references. Prompts (2+ tokens) keep float32 inputs: the weights
-are dequantized.
+`quantize_input` is that rounding in torch, for references. Prompts round every token the same way and run an
+int8 GEMM over the same layout (each weight vector loaded once for 4 tokens), so a prompt and a decode step of a
+quantized model compute the same function.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def matmul(weight: NativeWeight, x: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ W^T (+ bias) -> (..., out) in float32 accumulation, returned in x's dtype."""
     x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
     t = x2.numel() // weight.cols  # tokens
-    if t >= GEMM_TOKENS and weight.kind in (Q8, Q4, Q8P, Q4P):
+    if t >= GEMM_TOKENS and weight.kind in (Q8, Q4):
         y = _blocked_gemm(weight, x2.view(t, weight.cols)).view(*x.shape[:-1], weight.rows)
     else:
         y = torch.empty((*x.shape[:-1], weight.rows), dtype=torch.float32)  # the one op of a decode step's linear

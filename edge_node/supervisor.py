@@ -11,7 +11,6 @@ dies with the agent (PR_SET_PDEATHSIG on Linux), so an agent killed with SIGKILL
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -62,14 +61,22 @@ def tail(path: Path, limit: int = TAIL_BYTES) -> str:
         return ""
 
 
-# resolved once in the agent: the forked child must not dlopen (another thread may hold the loader's lock)
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+# Run by a fresh interpreter between the fork and the real program: PR_SET_PDEATHSIG (SIGTERM when the parent
+# dies), exit if the parent is already gone, then exec argv (same pid: the death signal survives the exec).
+_GUARD = ("import ctypes, os, signal, sys\n"
+          "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+          "if os.getppid() != int(sys.argv[1]):\n    os._exit(70)\n"
+          "os.execvp(sys.argv[2], sys.argv[2:])\n")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the agent dies (Linux), so no rank outlives its supervisor."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def dies_with_parent(argv) -> list[str]:
+    """argv, run so that it gets SIGTERM when this process dies, even by SIGKILL (Linux), so no child outlives
+    its supervisor. A small launcher sets it and execs argv: no Python runs in the forked child itself, which
+    subprocess's preexec_fn would do, and that is unsafe in a process with threads (the agent's gRPC threads):
+    such a child can deadlock or abort before its exec (seen: a rank aborting in gRPC's epoll poller)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _GUARD, str(os.getpid()), *argv]
 
 
 class _Child:
@@ -81,9 +88,8 @@ class _Child:
         self.stopping = False
         self.t0 = time.monotonic()
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(list(spec.argv), env={**os.environ, **spec.env}, cwd=spec.cwd,
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(dies_with_parent(spec.argv), env={**os.environ, **spec.env}, cwd=spec.cwd,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
 
     def record(self, code: int) -> ChildExit:
         return ChildExit(self.spec.name, self.proc.pid, code, tail(self.stderr_path), self.stopping,

@@ -188,7 +188,7 @@ def run_supernode(supernode_argv: Sequence[str], runtime_api: str, start_timeout
     """Run `flower-supernode ... --isolation process` (`supernode_argv`, its Runtime API on `runtime_api`) as a
     child and serve its ClientApp tasks in this process; returns the SuperNode's exit status (0 when stopped by
     SIGTERM / SIGINT, which also stops the child)."""
-    from edge_node.supervisor import _die_with_parent
+    from edge_node.supervisor import dies_with_parent
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
@@ -201,7 +201,7 @@ def run_supernode(supernode_argv: Sequence[str], runtime_api: str, start_timeout
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    child = subprocess.Popen(list(supernode_argv), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(dies_with_parent(supernode_argv), stdin=subprocess.DEVNULL)
     worker = None
     try:
         t0 = time.monotonic()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from edge_node.ports import free_port
+from edge_node.supervisor import dies_with_parent
 from edgefed.args import (
     add_generation_args,
     add_prefill_args,
@@ -166,8 +166,8 @@ def _launch(args: argparse.Namespace, cfg, nodes: int) -> int:
     or SIGINT to the launcher ends every rank within _STOP_S."""
     master = f"127.0.0.1:{free_port()}"
     text = cfg.to_json()
-    procs = [subprocess.Popen(_child_argv(args, r, master), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent) for r in range(nodes)]
+    procs = [subprocess.Popen(dies_with_parent(_child_argv(args, r, master)), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(nodes)]
     outs: list[tuple[str, str]] = [("", "")] * nodes
 
     def drain(r: int) -> None:
@@ -243,11 +243,3 @@ def _stop_ranks_on_signal(procs: list[subprocess.Popen]):
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
-
-
-def _die_with_parent() -> None:
-    """In each rank (Linux): SIGTERM when the launcher dies, even by SIGKILL, so no rank is left behind."""
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass

@@ -75,3 +75,39 @@ def _wait_for_file(path, needle: str, timeout: float = 10.0) -> str:
             return text
         time.sleep(0.02)
     raise AssertionError(f"{path} never contained {needle!r}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_dies_with_a_supervisor_killed_outright_even_one_with_threads_running(tmp_path):
+    """The supervisor's own process is SIGKILLed while busy threads run in it (the agent's gRPC threads): its
+    child gets SIGTERM from the kernel, and the pid the supervisor recorded is the program's own (the launcher
+    that sets the death signal execs it)."""
+    import subprocess
+
+    code = ("import os, sys, threading, time\n"
+            "from pathlib import Path\n"
+            "from edge_node.supervisor import ChildSpec, Supervisor\n"
+            "for _ in range(4):\n"
+            "    threading.Thread(target=lambda: [sum(range(1000)) for _ in iter(int, 1)], daemon=True).start()\n"
+            "sup = Supervisor(Path(sys.argv[1]))\n"
+            "pid = sup.start(ChildSpec('c', (sys.executable, '-c', 'import os, time; print(os.getpid(), "
+            "flush=True); time.sleep(60)')))\n"
+            "print(pid, flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    recorded = None
+    try:
+        recorded = int(parent.stdout.readline())
+        assert int(_wait_for_file(tmp_path / "c.out", "\n").strip()) == recorded  # the program's own pid
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(recorded) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(recorded), "the child outlived its supervisor"
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if recorded is not None and _alive(recorded):
+            os.kill(recorded, signal.SIGKILL)

@@ -1036,18 +1036,18 @@ static void step_fn(void *a_, int ith, int nth) {
     float *xn = S_thread(m, ith), *xs = xn + H, *sc = xs + (H > I ? H : I);
     ef_qx *qx = (ef_qx *)(sc + m->max_pos);
     const float scale = 1.0f / sqrtf((float)D);
+    int head_rows = D; /* q|k|v rows per thread: whole heads, in whole 16-row blocks (lcm(D, 16)) */
+    while (head_rows % 16) head_rows += D;
     int a0, a1;
     for (int l = 0; l < m->n_layers; l++) {
         ef_layer *L = &m->layers[l];
         rmsnorm(xn, x, L->ln1, H, m->eps);
-        split(L->qkv.rows, ith, nth, 16, &a0, &a1);
+        split(L->qkv.rows, ith, nth, head_rows, &a0, &a1); /* whole heads: a thread writes the K/V it computed */
         GEMV(&L->qkv, xn, qkv, a0, a1, 0);
-        barrier(&a->bar, nth);
-        split(NKV, ith, nth, 1, &a0, &a1); /* each KV head's rotated key and value into the cache */
-        for (int kh = a0; kh < a1; kh++) {
-            const float *kin = qkv + (int64_t)(NH + kh) * D, *vin = qkv + (int64_t)(NH + NKV + kh) * D;
-            rope(L->k + ((int64_t)kh * L->cap + pos) * D, kin, a->cos, a->sin, D);
-            memcpy(L->v + ((int64_t)kh * L->cap + pos) * D, vin, sizeof(float) * D);
+        for (int kh = 0; kh < NKV; kh++) { /* its KV heads' rotated keys and values into the cache */
+            int64_t kr = (int64_t)(NH + kh) * D, vr = (int64_t)(NH + NKV + kh) * D;
+            if (kr >= a0 && kr < a1) rope(L->k + ((int64_t)kh * L->cap + pos) * D, qkv + kr, a->cos, a->sin, D);
+            if (vr >= a0 && vr < a1) memcpy(L->v + ((int64_t)kh * L->cap + pos) * D, qkv + vr, sizeof(float) * D);
         }
         barrier(&a->bar, nth);
         split(NH, ith, nth, 1, &a0, &a1);

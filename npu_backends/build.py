@@ -75,8 +75,11 @@ def int8_recipe(opts: PrefillOptions) -> dict:
     recipe = {"mode": opts.int8_mode, "smooth_alpha": quantize.SMOOTH_ALPHA, "rotate_block": quantize.ROTATE_BLOCK,
               "quantize_outputs": quantize.QUANTIZE_OUTPUTS, "hot_fraction": opts.hot_fraction,
               "calib_tokens": opts.calib_tokens}
-    if opts.int8_mode == "token":
+    if opts.int8_mode in quantize.PER_TOKEN:
         recipe |= {"rotate_inputs": True, "gptq": quantize.TOKEN_GPTQ}
+    if opts.int8_mode == "token2":
+        two_pass, two_level = quantize.token2_roles("token2")
+        recipe |= {"two_pass": list(two_pass), "two_level": list(two_level), "fused_scales": True}
     return recipe | ({"block": quantize.BLOCK} if opts.int8_mode == "block" else {})
 
 
@@ -146,7 +149,8 @@ def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, cali
             feeds = record_calibration(model, specs, prompts, opts.threads)
             cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction, recipe["smooth_alpha"],
                                 recipe["rotate_block"], block=recipe.get("block", quantize.BLOCK),
-                                gptq=recipe.get("gptq", quantize.TOKEN_GPTQ))
+                                gptq=recipe.get("gptq", quantize.TOKEN_GPTQ), two_pass=recipe.get("two_pass"),
+                                two_level=recipe.get("two_level"))
             record = read_graphs_json(root)
             record["int8"][opts.int8_mode] = recipe
             write_graphs_json(root, record)
@@ -157,7 +161,8 @@ def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, cali
 def _int8_specs(specs: list[GraphSpec], recipe: dict) -> tuple[list[GraphSpec], list[str]]:
     """The int8 copies of float `specs` (where build_int8 writes them) and the names of those not built yet."""
     paths = [int8_path(s.path, recipe["mode"], recipe["smooth_alpha"], recipe["rotate_block"],
-                       block=recipe.get("block", quantize.BLOCK), gptq=recipe.get("gptq", quantize.TOKEN_GPTQ))
+                       block=recipe.get("block", quantize.BLOCK), gptq=recipe.get("gptq", quantize.TOKEN_GPTQ),
+                       two_pass=recipe.get("two_pass"), two_level=recipe.get("two_level"))
              for s in specs]
     missing = [p.name for p in paths if not p.is_file()]
     return [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)], missing
@@ -201,7 +206,8 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: 
         recipe = int8_recipe(opts)
         rebuild = (f"`edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} --context "
                    f"{specs[0].context}{groups} --int8{' --shadow' if opts.shadow else ''}"
-                   f"{' --block' if opts.block else ''}{' --token' if opts.token else ''}`")
+                   f"{' --block' if opts.block else ''}{' --token' if opts.token else ''}"
+                   f"{' --token2' if opts.token2 else ''}`")
         specs, missing = _int8_specs(specs, recipe)
         if missing:
             raise GraphDirError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "

@@ -37,13 +37,18 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] = (),
-                       moments: Mapping[str, np.ndarray] | None = None, two_pass: Sequence[str] = ()) -> list[str]:
+                       moments: Mapping[str, np.ndarray] | None = None, two_pass: Sequence[str] = (),
+                       two_level: Sequence[str] = (), fused: bool = False) -> list[str]:
     """Rewrite every weight MatMul of `src` not in `exclude` as a per-token dynamic W8A8 linear; write dst.
 
     moments: node name -> X^T X of its calibration inputs (gptq.input_moments); the weights of the linears
     it names are rounded by GPTQ's error feedback (same scales, same graph) instead of to the nearest level.
     two_pass: linears whose input is quantized twice, the second time its rounding residual (~15 bits per token
     in all), both passes in one u8 GEMM over 2N rows (twice that linear's GEMM work).
+    two_level: linears whose weights get a second int8 level for their rounding residual (its own scale per
+    output channel, ~15 bits in all), both levels in one GEMM over 2 x out columns (twice its GEMM work).
+    fused: the column scales applied in the GEMM's output stage (ONNX Runtime's com.microsoft
+    MatMulIntegerToFloat, same outputs) instead of MatMulInteger, Cast and Mul.
     Returns the names of the rewritten MatMuls.
     """
     m = onnx.load(str(src))
@@ -57,6 +62,7 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
     g.initializer.extend([numpy_helper.from_array(np.array(ZERO, np.uint8), "dyn/zero"),
                           numpy_helper.from_array(np.full(tokens, ZERO, np.uint8), "dyn/zero_rows"),
                           numpy_helper.from_array(np.array(1 / 127, np.float32), "dyn/inv127"),
+                          numpy_helper.from_array(np.array(1.0, np.float32), "dyn/one"),
                           numpy_helper.from_array(np.array(TINY, np.float32), "dyn/tiny"),
                           numpy_helper.from_array(np.array([-1], np.int64), "dyn/flat"),
                           numpy_helper.from_array(np.array([tokens, tokens], np.int64), "dyn/halves")])
@@ -68,22 +74,33 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
         q, s = quantized[key]
         w = numpy_helper.to_array(inits[node.input[1]])
         wq, ws = gptq_int8(w, moments[node.name]) if moments and node.name in moments else quantize_weight(w)
+        if node.name in two_level:  # (in, 2 out): the weights, then their rounding residual's own int8 levels
+            rq, rs = quantize_weight(w - wq.astype(np.float32) * ws)
+            wq, ws = np.concatenate([wq, rq], axis=1), np.concatenate([ws, rs])
         g.initializer.extend([numpy_helper.from_array(wq, f"{node.name}/w_int8"),
                               numpy_helper.from_array(ws, f"{node.name}/w_scale")])
         n = node.name
-        replace[n] = [
-            helper.make_node("MatMulInteger", [q, f"{n}/w_int8", "dyn/zero"], [f"{n}/acc"], name=f"{n}/MatMulInteger"),
-            helper.make_node("Cast", [f"{n}/acc"], [f"{n}/acc_f"], to=TensorProto.FLOAT, name=f"{n}/Cast"),
-            helper.make_node("Mul", [f"{n}/acc_f", f"{n}/w_scale"], [f"{n}/y_cols"], name=f"{n}/ColScale"),
-            helper.make_node("Mul", [f"{n}/y_cols", s], [f"{n}/y_rows" if key[1] else node.output[0]],
+        replace[n] = _integer_gemm(n, q, fused) + [
+            helper.make_node("Mul", [f"{n}/y_cols", s], [f"{n}/y_rows" if key[1] else f"{n}/y_one"],
                              name=f"{n}/RowScale"),
         ]
+        y = f"{n}/y_one"
         if key[1]:  # (1, 2N, out): the two passes' rows summed
             replace[n] += [
                 helper.make_node("Split", [f"{n}/y_rows", "dyn/halves"], [f"{n}/y_first", f"{n}/y_residual"],
                                  axis=1, name=f"{n}/SplitPasses"),
-                helper.make_node("Add", [f"{n}/y_first", f"{n}/y_residual"], [node.output[0]], name=f"{n}/AddPasses"),
+                helper.make_node("Add", [f"{n}/y_first", f"{n}/y_residual"], [y], name=f"{n}/AddPasses"),
             ]
+        if node.name in two_level:  # (1, N, 2 out): the two weight levels' columns summed
+            replace[n] += [
+                helper.make_node("Split", [y], [f"{n}/y_level1", f"{n}/y_level2"], axis=-1,
+                                 name=f"{n}/SplitLevels"),
+                helper.make_node("Add", [f"{n}/y_level1", f"{n}/y_level2"], [f"{n}/y_levels"], name=f"{n}/AddLevels"),
+            ]
+            y = f"{n}/y_levels"
+        replace[n][-1].output[0] = node.output[0]
+    if fused and not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     nodes = []
     for n in g.node:  # topological order kept: each quantization right before its input's first linear
         nodes += before.get(n.name, []) + replace.get(n.name, [n])
@@ -96,6 +113,19 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
     onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=Path(dst).name + ".data", size_threshold=1024)
     return [n.name for n in targets]
+
+
+def _integer_gemm(n: str, q: str, fused: bool) -> list:
+    """Nodes computing (q - 128) @ w_int8 * w_scale as float (1, rows, out): MatMulInteger, Cast, Mul, or
+    fused, ONNX Runtime's MatMulIntegerToFloat (the column scales applied in the GEMM's output stage)."""
+    if fused:
+        return [helper.make_node("MatMulIntegerToFloat", [q, f"{n}/w_int8", "dyn/one", f"{n}/w_scale", "dyn/zero"],
+                                 [f"{n}/y_cols"], domain="com.microsoft", name=f"{n}/MatMulIntegerToFloat")]
+    return [
+        helper.make_node("MatMulInteger", [q, f"{n}/w_int8", "dyn/zero"], [f"{n}/acc"], name=f"{n}/MatMulInteger"),
+        helper.make_node("Cast", [f"{n}/acc"], [f"{n}/acc_f"], to=TensorProto.FLOAT, name=f"{n}/Cast"),
+        helper.make_node("Mul", [f"{n}/acc_f", f"{n}/w_scale"], [f"{n}/y_cols"], name=f"{n}/ColScale"),
+    ]
 
 
 def _quantize_rows(name: str, x: str) -> tuple[list, tuple[str, str]]:

@@ -19,6 +19,11 @@ MatMulNBits on the CPU EP), which keeps >= 99% but runs no faster than float on 
 the per-token GEMM and cuts its error instead: the inputs of q|k|v and gate|up are Hadamard-rotated
 after their norm (rotate.rotate_inputs: a token's massive channels no longer set its scale alone) and the
 int8 weights are rounded by GPTQ (gptq.py) on the calibration inputs.
+"token2" spends some of token's speed margin on precision where it buys the most: the inputs of the roles
+in TOKEN2_TWO_PASS are quantized twice (the second time their rounding residual, ~15 bits per token in all,
+one GEMM over 2N rows), the weights of TOKEN2_TWO_LEVEL get a second int8 level for their rounding residual
+(one GEMM over 2 x out columns), and every GEMM applies its column scales in its output stage (ONNX
+Runtime's MatMulIntegerToFloat) instead of a Cast and a Mul.
 """
 
 from __future__ import annotations
@@ -123,40 +128,58 @@ BLOCK = 16  # mode "block": input channels per scale (16 reaches 99% on SmolLM2-
 ROTATE_BLOCK = 64  # Hadamard block for the down projection's input; see rotate.py
 TOKEN_GPTQ = True  # mode "token": GPTQ-rounded weights (gptq.py)
 TOKEN_TWO_PASS: tuple[str, ...] = ()  # mode "token": roles whose inputs are quantized in two passes
+# mode "token2": the roles whose inputs are quantized in two passes / whose weights get two int8 levels, chosen
+# by their error removed per unit of GEMM work on SmolLM2-135M (benchmarks/README.md, issue 16)
+TOKEN2_TWO_PASS: tuple[str, ...] = ("o",)
+TOKEN2_TWO_LEVEL: tuple[str, ...] = ("down",)
 # static W8A8 | tight clip + float shadow | per-token dynamic activations | block-wise 8-bit weights and
 # dynamic activations (MatMulNBits) | "token": per-token dynamic activations, the q|k|v, gate|up (and down)
-# inputs Hadamard-rotated, GPTQ-rounded weights (ORT's u8 x s8 GEMM, standard ONNX ops). "clip" (the tight clip
-# alone, the excess dropped) is gone: on SmolLM2-135M it kept 51% top-1 agreement (issue 16), since what it
-# cuts are the tokens every later one reads.
-MODES = ("minmax", "shadow", "dynamic", "block", "token")
+# inputs Hadamard-rotated, GPTQ-rounded weights (ORT's u8 x s8 GEMM, standard ONNX ops) | "token2": token with
+# two-pass activations and two-level weights on some roles and fused column scales (com.microsoft). "clip"
+# (the tight clip alone, the excess dropped) is gone: on SmolLM2-135M it kept 51% top-1 agreement (issue 16),
+# since what it cuts are the tokens every later one reads.
+MODES = ("minmax", "shadow", "dynamic", "block", "token", "token2")
+PER_TOKEN = ("token", "token2")  # the modes with rotated norm-fed inputs and GPTQ weights
 ROLES = ("qkv", "o", "gate", "up", "down")  # a layer's weight MatMuls, in graph order
 
 
 def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray]]], out_dir: str | Path,
                mode: str = "shadow", fraction: float = 1 / 64, smooth: float | None = SMOOTH_ALPHA,
                rotate: int | None = ROTATE_BLOCK, keep_float: Sequence[str] = (),
-               block: int = BLOCK, gptq: bool = TOKEN_GPTQ,
-               two_pass: Sequence[str] = TOKEN_TWO_PASS) -> list[GraphSpec]:
+               block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] | None = None,
+               two_level: Sequence[str] | None = None) -> list[GraphSpec]:
     """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration.
 
     smooth: SmoothQuant alpha (None: no smoothing); rotate: Hadamard block of the down input (None: none).
     keep_float: linears left float, as "layer.role" (e.g. "1.down", role one of ROLES).
     block: with mode "block", input channels per weight and activation scale.
-    gptq: with mode "token", GPTQ-rounded weights (False: rounded to the nearest level).
-    two_pass: with mode "token", the ROLES whose inputs are quantized in two passes (dynamic.quantize_per_token).
+    gptq: with mode "token" or "token2", GPTQ-rounded weights (False: rounded to the nearest level).
+    two_pass, two_level: with mode "token" or "token2", the ROLES whose inputs are quantized in two passes and
+    whose weights get two int8 levels (dynamic.quantize_per_token); None: the mode's own (token2_roles).
     """
     if mode not in MODES:
         raise UsageError(f"int8 mode {mode!r} is not one of {MODES}")
-    if set(two_pass) - set(ROLES):
-        raise UsageError(f"two_pass {sorted(set(two_pass) - set(ROLES))}: each must be one of {ROLES}")
+    two_pass, two_level = token2_roles(mode, two_pass, two_level)
+    for what, rs in (("two_pass", two_pass), ("two_level", two_level)):
+        if set(rs) - set(ROLES):
+            raise UsageError(f"{what} {sorted(set(rs) - set(ROLES))}: each must be one of {ROLES}")
     bad = [k for k in keep_float if not _is_role(k)]
     if bad:
         raise UsageError(f"keep_float {bad}: each must be LAYER.ROLE with ROLE one of {ROLES} (e.g. 1.down)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [dataclasses.replace(spec, path=str(_quantize_group(spec, group_feeds, out, mode, fraction, smooth, rotate,
-                                                               keep_float, block, gptq, two_pass)))
+                                                               keep_float, block, gptq, two_pass, two_level)))
             for spec, group_feeds in zip(specs, feeds, strict=True)]
+
+
+def token2_roles(mode: str, two_pass: Sequence[str] | None = None,
+                 two_level: Sequence[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (two-pass, two-level) roles a mode builds with: those given, else token2's TOKEN2_* (none for
+    the other modes)."""
+    token2 = mode == "token2"
+    return (tuple(two_pass) if two_pass is not None else (TOKEN2_TWO_PASS if token2 else TOKEN_TWO_PASS),
+            tuple(two_level) if two_level is not None else (TOKEN2_TWO_LEVEL if token2 else ()))
 
 
 def _is_role(key: str) -> bool:
@@ -176,13 +199,16 @@ def linear_roles(path: str | Path, start: int = 0) -> dict[str, str]:
 
 def int8_path(float_path: str | Path, mode: str, smooth: float | None = SMOOTH_ALPHA,
               rotate: int | None = ROTATE_BLOCK, out_dir=None, keep_float: Sequence[str] = (),
-              block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] = TOKEN_TWO_PASS) -> Path:
+              block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] | None = None,
+              two_level: Sequence[str] | None = None) -> Path:
     """Where build_int8 writes the int8 copy of one float graph (the name records the recipe)."""
+    two_pass, two_level = token2_roles(mode, two_pass, two_level)
     p = Path(float_path)
     tag = ("" if smooth is None else f"-sq{round(100 * smooth)}") + ("" if not rotate else f"-rot{rotate}")
     tag += f"-b{block}" if mode == "block" else ""
-    tag += ("-gptq" if gptq else "-nearest") if mode == "token" else ""
-    tag += "".join(f"-2p{r}" for r in ROLES if r in two_pass) if mode == "token" else ""
+    if mode in PER_TOKEN:
+        tag += ("-gptq" if gptq else "-nearest") + "".join(f"-2p{r}" for r in ROLES if r in two_pass)
+        tag += "".join(f"-2L{r}" for r in ROLES if r in two_level)
     if keep_float:  # which linears stay float, as a short digest of the sorted keys
         tag += "-f" + hashlib.sha1(",".join(sorted(keep_float)).encode()).hexdigest()[:8]
     return Path(out_dir or p.parent) / f"{p.stem}.int8-{mode}{tag}.onnx"
@@ -196,7 +222,8 @@ def _stats(path: str | Path, feeds: list[dict[str, np.ndarray]], skip: Sequence[
 
 def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Path, mode: str, fraction: float,
                     smooth: float | None, rotate: int | None, keep_float: Sequence[str] = (),
-                    block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] = TOKEN_TWO_PASS) -> Path:
+                    block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] = (),
+                    two_level: Sequence[str] = ()) -> Path:
     from .dynamic import quantize_blockwise, quantize_per_token
     from .gptq import input_moments
     from .outliers import add_clip_and_shadow, strip_main_clips
@@ -204,7 +231,7 @@ def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Pa
     from .smooth import smooth_graph
 
     name = Path(spec.path).stem
-    dst = int8_path(spec.path, mode, smooth, rotate, out, keep_float, block, gptq, two_pass)
+    dst = int8_path(spec.path, mode, smooth, rotate, out, keep_float, block, gptq, two_pass, two_level)
     src, exclude = spec.path, head_matmuls(spec.path)  # the head stays float: neither clipped, smoothed nor int8
     roles = linear_roles(spec.path, spec.start)
     exclude += [roles[k] for k in keep_float if k in roles]  # node names survive smoothing and rotation
@@ -220,7 +247,7 @@ def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Pa
         exclude += rotate_down(src, steps[-1], rotate)  # the rotations stay float
         src, stats = steps[-1], None  # a rotation mixes channels: measure again
     moments = None
-    if mode == "token":
+    if mode in PER_TOKEN:
         # the norm-fed linears' inputs rotated too: q|k|v and gate|up (o's input gains nothing measurable)
         steps.append(str(out / f"{name}.rotate-in-float.onnx"))
         exclude += rotate_inputs(src, steps[-1], rotate or ROTATE_BLOCK, exclude=exclude)
@@ -232,9 +259,11 @@ def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Pa
         stats = stats if stats is not None else _stats(src, feeds, exclude)
         exclude += add_clip_and_shadow(src, steps[-1], stats, fraction, shadow=True)
         src = steps[-1]
-    if mode in ("dynamic", "token"):
-        twice = [n for k, n in roles.items() if mode == "token" and k.partition(".")[2] in two_pass]
-        quantize_per_token(src, dst, exclude, moments, twice)
+    if mode in ("dynamic", *PER_TOKEN):
+        def of(rs: Sequence[str]) -> list[str]:
+            return [n for k, n in roles.items() if mode in PER_TOKEN and k.partition(".")[2] in rs]
+
+        quantize_per_token(src, dst, exclude, moments, of(two_pass), of(two_level), fused=mode == "token2")
     elif mode == "block":
         quantize_blockwise(src, dst, exclude, block)
     else:

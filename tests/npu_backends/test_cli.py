@@ -83,6 +83,25 @@ def test_int8_token_runs_records_its_recipe_and_excludes_the_others(llama_dir, c
     assert "choose one" in capsys.readouterr().err
 
 
+def test_int8_token2_runs_records_its_recipe_and_excludes_the_others(llama_dir, capsys, tmp_path):
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
+            "--token2", "--graph-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["int8"] == "token2" and out["max_abs_logit_error"] < 0.5
+    recipe = json.loads((tmp_path / "graphs.json").read_text())["int8"]["token2"]
+    assert recipe["two_pass"] == ["o"] and recipe["two_level"] == ["down"] and recipe["fused_scales"] is True
+    assert main(argv) == 0  # the second run reuses the graphs its recipe names
+    assert json.loads(capsys.readouterr().out)["int8"] == "token2"
+    assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--token2"]) == 2
+    assert "--token2 needs --int8" in capsys.readouterr().err
+    assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--int8", "--token", "--token2"]) == 2
+    assert "choose one" in capsys.readouterr().err
+    gen = ["generate", "--model", str(llama_dir), "--prompt-ids", _ids(40), "--max-new-tokens", "2", "--prefill",
+           "ort", "--chunk", "32", "--int8", "--token2", "--graph-dir", str(tmp_path), "--json"]
+    assert main(gen) == 0 and len(json.loads(capsys.readouterr().out)["token_ids"]) == 2
+
+
 def test_generate_takes_the_token_recipe_for_its_ort_prefill(llama_dir, capsys, tmp_path):
     base = ["generate", "--model", str(llama_dir), "--prompt-ids", _ids(40), "--max-new-tokens", "3",
             "--prefill", "ort", "--chunk", "32"]

@@ -1,0 +1,94 @@
+"""token2: the per-token recipe with more bits where they pay (issue 16): two-level int8 weights (the rounding
+residual gets its own int8 level, one GEMM over 2 x out columns), two-pass activations, and the column scales
+fused into the GEMM (MatMulIntegerToFloat) with the same outputs as MatMulInteger, Cast, Mul."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edge_node.model.errors import UsageError
+from npu_backends.dynamic import quantize_per_token
+from npu_backends.prefill import ChunkedPrefill
+from npu_backends.quantize import TOKEN2_TWO_LEVEL, TOKEN2_TWO_PASS, build_int8, linear_roles, record_calibration
+from tests.npu_backends.conftest import prompt_of
+from tests.npu_backends.test_dynamic import _one_linear
+
+
+def _run(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"x": x, "cos": np.ones((x.shape[1], 2), np.float32)})[0]
+
+
+def _relative(got: np.ndarray, ref: np.ndarray) -> float:
+    return float((np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref, axis=-1)).max())
+
+
+def test_two_level_weights_remove_the_weights_rounding_error(tmp_path):
+    rng = np.random.RandomState(4)
+    n, k, out = 8, 64, 24
+    # every row holds integers up to +-127 times its own scale: per-token int8 represents it exactly, so
+    # whatever error is left is the weights'
+    levels = rng.randint(-126, 127, (1, n, k))
+    levels[0, :, 0] = 127  # each row's largest entry sets its scale: 127 levels exactly
+    x = (levels * (rng.rand(1, n, 1) + 0.1)).astype(np.float32)
+    w = (rng.randn(k, out) * 0.05).astype(np.float32)
+    _one_linear(tmp_path / "f.onnx", n, k, w)
+    errs = []
+    for two in ((), ("lin",)):
+        quantize_per_token(tmp_path / "f.onnx", tmp_path / "q.onnx", two_level=two)
+        errs.append(_relative(_run(tmp_path / "q.onnx", x), x @ w))
+    assert errs[0] > 1e-3 and errs[1] < errs[0] / 50, errs  # ~15 bits per weight instead of 8
+    g = onnx.load(tmp_path / "q.onnx").graph
+    w_int8 = next(i for i in g.initializer if i.name == "lin/w_int8")
+    assert list(w_int8.dims) == [k, 2 * out]  # one GEMM over both levels' columns
+
+
+@pytest.mark.parametrize("options", [{}, {"two_pass": ["lin"]}, {"two_level": ["lin"]},
+                                     {"two_pass": ["lin"], "two_level": ["lin"]}])
+def test_fused_column_scales_give_the_unfused_outputs(tmp_path, options):
+    rng = np.random.RandomState(5)
+    n, k, out = 8, 64, 24
+    w = (rng.randn(k, out) * 0.05).astype(np.float32)
+    x = rng.randn(1, n, k).astype(np.float32)
+    x[0, 0] *= 300.0
+    _one_linear(tmp_path / "f.onnx", n, k, w)
+    got = {}
+    for fused in (False, True):
+        quantize_per_token(tmp_path / "f.onnx", tmp_path / f"q{fused}.onnx", fused=fused, **options)
+        got[fused] = _run(tmp_path / f"q{fused}.onnx", x)
+    assert np.abs(got[True] - got[False]).max() <= 1e-6 * np.abs(got[False]).max()
+    ops = [nd.op_type for nd in onnx.load(tmp_path / "qTrue.onnx").graph.node]
+    assert "MatMulIntegerToFloat" in ops and "MatMulInteger" not in ops and "Cast" not in ops
+    assert _relative(got[True], x @ w) < (1e-3 if len(options) == 2 else 2e-2)  # both: ~15 bits on each side
+
+
+def test_token2_graphs_spend_more_bits_on_their_roles_only(llama, graphs, tmp_path):
+    spec = graphs[1][0]
+    feeds = record_calibration(llama, graphs[1], [prompt_of(96, seed=700)])
+    token2 = build_int8(graphs[1], feeds, tmp_path, "token2")[0]
+    token = build_int8(graphs[1], feeds, tmp_path, "token")[0]
+    assert token2.path.endswith("-gptq-2po-2Ldown.onnx") and TOKEN2_TWO_PASS == ("o",) and TOKEN2_TWO_LEVEL == ("down",)
+    g = onnx.load(token2.path, load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("MatMulIntegerToFloat") == 4 * 5 and "MatMulInteger" not in ops
+    roles = linear_roles(spec.path)
+    node = {n.name: n for n in g.node}
+    dims = {i.name: list(i.dims) for i in g.initializer}
+    for i in range(4):
+        assert node[f"{roles[f'{i}.o']}/MatMulIntegerToFloat"].input[0].endswith("/dyn2_u8")  # (2N, in) rows
+        assert node[f"{roles[f'{i}.qkv']}/MatMulIntegerToFloat"].input[0].endswith("/dyn_u8")
+        down, up = dims[f"{roles[f'{i}.down']}/w_int8"], dims[f"{roles[f'{i}.up']}/w_int8"]
+        assert down[1] == 2 * up[0] and up[1] == down[0]  # down: (inter, 2 x hidden); up one level
+    prompt = prompt_of(70, seed=701)
+    ref = ChunkedPrefill(llama, graphs[1]).run(prompt).logits
+    for s in (token, token2):
+        got = ChunkedPrefill(llama, [s]).run(prompt).logits
+        assert np.abs(got - ref).max() < 0.5 and got.argmax() == ref.argmax()
+
+
+def test_token2_roles_are_checked(llama, graphs, tmp_path):
+    with pytest.raises(UsageError, match="two_level"):
+        build_int8(graphs[1], [[]], tmp_path, "token2", two_level=("mlp",))
+    with pytest.raises(UsageError, match="two_pass"):
+        build_int8(graphs[1], [[]], tmp_path, "token", two_pass=("gate", "attn"))

@@ -6,7 +6,7 @@ that are timed (npu_backends.evaluate: the float head applied to every row on th
 the residual stream's relative error after every layer (where the int8 error enters).
 
     .venv/bin/python benchmarks/bench_prefill.py [--models smollm2,demo,qwen2-0.5b] [--prompt-len 512]
-        [--chunk 128] [--threads 2] [--repeats 5] [--eval-prompts 4] [--variants minmax,token]
+        [--chunk 128] [--threads 2] [--repeats 5] [--eval-prompts 4] [--variants minmax,token] [--reuse-int8]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from npu_backends.build import (  # noqa: E402
 )
 from npu_backends.evaluate import evaluate  # noqa: E402
 from npu_backends.prefill import ChunkedPrefill  # noqa: E402
-from npu_backends.quantize import ROTATE_BLOCK, SMOOTH_ALPHA, build_int8, record_calibration  # noqa: E402
+from npu_backends.quantize import ROTATE_BLOCK, SMOOTH_ALPHA, build_int8, int8_path, record_calibration  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "edgefed-demo"
 SMOLLM2_DIR = Path.home() / ".cache" / "edgefed" / "models" / "SmolLM2-135M-Instruct"
@@ -141,6 +141,12 @@ VARIANTS = {
     # per-token int8 at QGEMM speed, step by step: + rotated q|k|v and gate|up inputs, + GPTQ weights
     "token nearest": {"mode": "token", "gptq": False},
     "token": {"mode": "token"},
+    # issue 16, session 11: token's column scales fused into the GEMM (MatMulIntegerToFloat), then more bits
+    # where they remove the most error per unit of GEMM work: two-pass activations (2p), two-level weights (2L)
+    "token fused": {"mode": "token2", "two_pass": (), "two_level": ()},
+    "token2": {"mode": "token2"},  # + 2p o, 2L down
+    "token2 + 2p gate|up": {"mode": "token2", "two_pass": ("o", "gate", "up")},
+    "token2 + 2p gate|up + 2L qkv": {"mode": "token2", "two_pass": ("o", "gate", "up"), "two_level": ("qkv", "down")},
 }
 
 
@@ -158,11 +164,16 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
     opts = PrefillOptions(a.chunk, context, threads=a.threads)
     specs = float_graphs(model, opts, root, weights_digest(model_dir))  # reused while the weights are the same
     variants = {"ORT float32, chunked": specs}
-    calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, cfg.vocab_size)
-    feeds = record_calibration(model, specs, calib, a.threads)
     chosen = [v for v in a.variants.split(",") if v] or list(VARIANTS)
+    feeds = None
     for label in chosen:
-        variants[f"ORT int8 {label}, chunked"] = build_int8(specs, feeds, root, **VARIANTS[label])
+        built = _built(specs, root, VARIANTS[label]) if a.reuse_int8 else None
+        if built is None:
+            if feeds is None:
+                calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, cfg.vocab_size)
+                feeds = record_calibration(model, specs, calib, a.threads)
+            built = build_int8(specs, feeds, root, **VARIANTS[label])
+        variants[f"ORT int8 {label}, chunked"] = built
     del feeds
     gc.collect()
     if a.eval_prompts:  # every position of held-out prompts, from the same graphs that are timed
@@ -185,6 +196,17 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
                             "top1_last": int(logits.argmax()) == int(ref.argmax()),
                             **({"agreement": out["agreement"][label]} if label in out.get("agreement", {}) else {})})
     return out
+
+
+def _built(specs, root: Path, recipe: dict):
+    """The int8 copies an earlier run built with `recipe` in root (int8_path names the recipe), or None."""
+    import dataclasses
+
+    args = {k: v for k, v in recipe.items() if k != "fraction"}
+    paths = [int8_path(s.path, out_dir=root, **args) for s in specs]
+    if not all(p.is_file() for p in paths):
+        return None
+    return [dataclasses.replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)]
 
 
 def _evaluation(model: Transformer, ref_specs, specs, prompts: list[list[int]], threads: int) -> dict:
@@ -237,6 +259,8 @@ def main() -> None:
     ap.add_argument("--eval-len", type=int, default=512)
     ap.add_argument("--eval-variants", default="", help="comma list: evaluate agreement of these only (default all)")
     ap.add_argument("--cache", default="/tmp/edgefed-bench")
+    ap.add_argument("--reuse-int8", action="store_true", help="time the int8 graphs an earlier run of this code "
+                    "left in --cache (named by their recipe) instead of building them again")
     ap.add_argument("--json-out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+if "--native-int8" in sys.argv:  # edgefed's own setting (edgefed/cli.py): idle OpenMP workers sleep between the
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch ops, so they leave the cores to the native GEMM
 
 import numpy as np
 import torch
@@ -183,6 +187,14 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
                             if v is not specs and label.removeprefix("ORT int8 ").removesuffix(", chunked") in judged}
     runners = {"torch float32, full prompt": torch_runner(model, prompt)}
     runners |= {label: ort_runner(open_prefill(model, v, opts), prompt) for label, v in variants.items()}
+    if a.native_int8:  # a CPU kernel, not an ORT graph: what a block-wise int8 GEMM at integer speed gives
+        from benchmarks import native_prefill
+
+        label = "native int8 (edgefed packed VNNI GEMM), chunked"
+        packed = native_prefill.load_packed(native_prefill.int8_copy(model_dir, Path(a.cache)))
+        if a.eval_prompts:
+            out.setdefault("agreement", {})[label] = native_prefill.agreement(model, packed, held, a.chunk)
+        runners[label] = native_prefill.runner(packed, prompt, a.chunk)
     peaks |= {"fp32_gflops": max(peaks.get("fp32_gflops", 0), fp32_peak_gflops())}
     timed = interleaved(runners, a.repeats)
     t_torch, ref = median(timed["torch float32, full prompt"][0]), timed["torch float32, full prompt"][1]
@@ -223,8 +235,10 @@ def table(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         ag = r.get("agreement")
-        quality = (f"{100 * ag['top1']:.2f}% | {ag['mean_abs_err']:.3g} | {ag['max_abs_err']:.3g} "
-                   f"| {ag['relative_error_per_layer'][-1]['after_mlp']:.4f}") if ag else "| | |"
+        rel = f"{ag['relative_error_per_layer'][-1]['after_mlp']:.4f}" if ag and "relative_error_per_layer" in ag \
+            else ""
+        quality = f"{100 * ag['top1']:.2f}% | {ag['mean_abs_err']:.3g} | {ag['max_abs_err']:.3g} | {rel}" if ag \
+            else "| | |"
         lines.append(f"| {r['variant']} | {r['ms']:.0f} | {r['best_ms']:.0f} | {r['tokens_per_s']:.0f} "
                      f"| {r['speedup_vs_torch']:.2f}x | {100 * r['fp32_peak_frac']:.0f}% | {quality} |")
     return "\n".join(lines)
@@ -232,7 +246,7 @@ def table(result: dict) -> str:
 
 def layer_table(result: dict) -> str:
     """Relative error of the residual stream after each layer's MLP, per int8 variant: where error enters."""
-    ags = {k: v for k, v in result.get("agreement", {}).items()}
+    ags = {k: v for k, v in result.get("agreement", {}).items() if "relative_error_per_layer" in v}
     if not ags:
         return ""
     lines = ["| layer | " + " | ".join(k.replace("ORT int8 ", "").replace(", chunked", "") for k in ags) + " |",
@@ -261,6 +275,8 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/edgefed-bench")
     ap.add_argument("--reuse-int8", action="store_true", help="time the int8 graphs an earlier run of this code "
                     "left in --cache (named by their recipe) instead of building them again")
+    ap.add_argument("--native-int8", action="store_true", help="add a row: the prompt chunk by chunk through a "
+                    "group-wise int8 copy (float16 scales) on edgefed's packed VNNI GEMM (a CPU kernel, not ORT)")
     ap.add_argument("--json-out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -58,16 +58,11 @@ def runner(model, prompt: list[int], chunk: int):
 
 def agreement(float_model, model, prompts: list[list[int]], chunk: int) -> dict:
     """Top-1 agreement and logit errors over every position, against the float model's full prompt."""
-    same = total = 0
-    err_sum = err_max = 0.0
+    from npu_backends.evaluate import Tally
+
+    tally = Tally()
     for p in prompts:
         with torch.inference_mode():
             ref = float_model(torch.tensor([p]), float_model.new_cache(), 0)[0].float().numpy()
-        got = chunked_logits(model, p, chunk, last_only=False)
-        diff = np.abs(ref - got)
-        same += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        total += len(p)
-        err_sum += float(diff.mean(-1).sum())
-        err_max = max(err_max, float(diff.max()))
-    return {"positions": total, "top1": same / max(total, 1), "mean_abs_err": err_sum / max(total, 1),
-            "max_abs_err": err_max}
+        tally.add(ref, chunked_logits(model, p, chunk, last_only=False))
+    return tally.result().__dict__

@@ -32,7 +32,9 @@ class Agreement:
         return 1.0 - better.mean_abs_err / self.mean_abs_err if self.mean_abs_err else 0.0
 
 
-class _Tally:
+class Tally:
+    """Top-1 agreement and logit errors, accumulated over (rows, vocab) blocks of reference and test logits."""
+
     def __init__(self):
         self.same = self.total = 0
         self.err_sum = self.err_max = 0.0
@@ -51,7 +53,7 @@ class _Tally:
 
 def agreement(reference: ChunkedPrefill, test: ChunkedPrefill, prompts: Sequence[Sequence[int]]) -> Agreement:
     """Compare two prefills row by row (use graphs exported with all_logits=True to see every position)."""
-    tally = _Tally()
+    tally = Tally()
     for p in prompts:
         tally.add(np.concatenate(reference.run(p).rows), np.concatenate(test.run(p).rows))  # (positions, vocab)
     return tally.result()
@@ -155,7 +157,7 @@ def evaluate(model: Transformer, reference: Sequence[GraphSpec], test: Sequence[
     applied to all rows; a 49k or 65k vocabulary then never needs a (positions, vocab) graph output).
     """
     ref_run, test_run = ProbedPrefill(model, reference, threads), ProbedPrefill(model, test, threads)
-    tally, err_sum, count = _Tally(), None, 0
+    tally, err_sum, count = Tally(), None, 0
     for p in prompts:
         ref, got = ref_run.run(p), test_run.run(p)
         rel = np.array([_relative(a, b).sum() for a, b in zip(ref, got, strict=True)])

@@ -7,7 +7,7 @@ its activation dtype, so the weights it multiplies by are exactly the stored one
 plain bytes, two per byte along the input dimension (column 2j in the low nibble of byte j, column 2j + 1
 in the high one): the kernel's own tile layout depends on the CPU and the torch version, so `Int4Linear`
 repacks at load time: to the native kernels' layout where they are built (edge_node.model.native: float32
-activations and accumulation), else to torch's.
+accumulation; packed for AVX512-VNNI, inputs rounded to two int8 levels), else to torch's.
 """
 
 from __future__ import annotations
@@ -155,7 +155,6 @@ class Int4Linear(nn.Module):
         self.packed = nn.Parameter(packed, requires_grad=False)
         self.scales = nn.Parameter(s, requires_grad=False)
         self.zeros = nn.Parameter(zeros.float() - _MID * s, requires_grad=False)
-        b = None if self.bias is None else self.bias.data.float().contiguous()
         self.nw = native.NativeWeight(native.Q4, self.out_features, self.in_features, self.packed.data,
                                       self.group_size, self.scales.data, self.zeros.data, b)
 
@@ -180,7 +179,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.nw is not None:
-            return native.matmul(self.nw, x)  # float32 activations and accumulation (bias included)
+            return native.matmul(self.nw, x)  # float32 accumulation, bias included (packed: int8-rounded inputs)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B*S, in): the kernel takes 2-D activations
         if self.use_kernel:

@@ -64,7 +64,7 @@ def quantize_groups8(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype 
     chooses the codes for the rounded values; it halves the bytes a token reads of them.
     """
     if scale_dtype in (torch.float32, torch.float16):
-        return _quantize_groups8_f32(w, group_size, scale_dtype)
+        return _quantize_groups8_best_grid(w, group_size, scale_dtype)
     out, cols = w.shape
     groups = cols // group_size
     q = torch.empty(out, cols, dtype=torch.int8)
@@ -81,7 +81,7 @@ def quantize_groups8(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype 
     return q, scales, zeros
 
 
-def _quantize_groups8_f32(w: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32,
+def _quantize_groups8_best_grid(w: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, cols = w.shape
     groups = cols // group_size
@@ -178,7 +178,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.nw is not None:
-            return native.matmul(self.nw, x)  # float32 activations and accumulation (bias included)
+            return native.matmul(self.nw, x)  # float32 accumulation, bias included (packed: int8-rounded inputs)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (B*S, in): the kernel takes 2-D activations
         if _INT8_KERNEL and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and self.qweight.shape[0]:
@@ -251,7 +251,7 @@ class Int8GroupLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.nw is not None:
-            return native.matmul(self.nw, x)  # the group-wise codes directly, float32 math
+            return native.matmul(self.nw, x)  # the group-wise codes directly, float32 accumulation
         return self.inner(torch.cat([x, x], dim=-1))  # (..., 2 * in) -> (..., out)
 
 

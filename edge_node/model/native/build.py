@@ -1,8 +1,9 @@
 """Compile decode.c on first use and load it with ctypes.
 
 The shared library is cached under ~/.cache/edgefed/native (EDGEFED_NATIVE_CACHE) keyed by the source's
-hash, the compiler flags, the compiler's version and the CPU's feature flags (-march=native code must not run
-on another CPU). EDGEFED_NATIVE=0, no C compiler, or a failed build: one log line, and callers use torch.
+hash, the compiler flags, the compiler binary (path, size, mtime) and the CPU's feature flags (-march=native
+code must not run on another CPU). EDGEFED_NATIVE=0, no C compiler, or a failed build: one log line, and
+callers use torch.
 """
 
 from __future__ import annotations
@@ -48,13 +49,20 @@ def compiler() -> str | None:
     return shutil.which(cc) if cc else shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _key(cc: str) -> str:
+def _compiler_id(cc: str) -> str:
+    """The compiler binary's identity (resolved path, size, mtime): a new compiler is a new build, and no process
+    has to be started to tell (a fork at every start-up, in processes that may already run gRPC threads)."""
+    path = os.path.realpath(cc)
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
+        st = os.stat(path)
+    except OSError:
+        return path
+    return f"{path} {st.st_size} {st.st_mtime_ns}"
+
+
+def _key(cc: str) -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (" ".join(FLAGS + LIBS), version, _cpu_flags()):
+    for part in (" ".join(FLAGS + LIBS), _compiler_id(cc), _cpu_flags()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 

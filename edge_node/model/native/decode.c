@@ -536,23 +536,6 @@ static void quantize_x(const float *x, int cols, ef_qx *o) {
     }
 }
 
-/* element i of a packed layout's scales or zeros */
-static inline float s_at(const void *p, int64_t i, int dt) {
-    if (dt == EF_S_F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (dt == EF_S_BF16) {
-        uint32_t u = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    return (float)*(const _Float16 *)&h;
-#endif
-}
-
 #ifdef EF_VNNI
 /* 16 consecutive scales or zeros of a packed layout, as float32 */
 static inline __m512 load_s16(const void *p, int64_t off, int dt) {
@@ -664,68 +647,6 @@ static void dequant_row(const ef_linear *w, int r, float *out) {
         return;
     }
     const int G = w->group, ng = cols / G;
-    if (PACKED(w)) { /* row i of block rb: 4 bytes per 64-byte column group */
-        const uint8_t *q = (const uint8_t *)w->data + (int64_t)(r / 16) * w->row_stride + (r % 16) * 4;
-        const int64_t s0 = (int64_t)(r / 16) * ng * 16 + r % 16; /* this row's first scale (or zero) */
-        const int dt = w->sdtype;
-#ifdef EF_VNNI
-        const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                               _mm512_set1_epi32(64));
-        if (w->kind == EF_Q8P) { /* 16 dwords of the row = 64 columns in order */
-            for (int c = 0; c < cols; c += 64) {
-                int n = (cols - c) / 4 < 16 ? (cols - c) / 4 : 16; /* dwords inside the row */
-                __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask(n), idx,
-                                                        (const void *)(q + (int64_t)c * 16), 1);
-                v = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80)); /* q + 128 -> q */
-                for (int h = 0; h < 4 && c + 16 * h < cols; h++) {
-                    int g = (c + 16 * h) / G;
-                    __m128i part = h == 0   ? _mm512_extracti32x4_epi32(v, 0)
-                                   : h == 1 ? _mm512_extracti32x4_epi32(v, 1)
-                                   : h == 2 ? _mm512_extracti32x4_epi32(v, 2)
-                                            : _mm512_extracti32x4_epi32(v, 3); /* extract takes an immediate */
-                    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part));
-                    __m512 zv = _mm512_set1_ps(w->zeros ? s_at(w->zeros, s0 + (int64_t)g * 16, dt) : 0.f);
-                    _mm512_storeu_ps(out + c + 16 * h, _mm512_fmadd_ps(f, _mm512_set1_ps(s_at(w->scales, s0 + (int64_t)g * 16, dt)), zv));
-                }
-            }
-            return;
-        }
-        for (int c = 0; c < cols; c += 128) { /* 16 dwords = 128 columns: dword k holds 8k..8k+3 low, 8k+4.. high */
-            int n = (cols - c) / 8 < 16 ? (cols - c) / 8 : 16;
-            __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tail_mask(n), idx,
-                                                    (const void *)(q + (int64_t)c * 8), 1);
-            __m512i lo = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
-            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
-            __m512i a = _mm512_unpacklo_epi32(lo, hi), b = _mm512_unpackhi_epi32(lo, hi); /* per 128-bit lane */
-            __m128i parts[8] = {_mm512_extracti32x4_epi32(a, 0), _mm512_extracti32x4_epi32(b, 0),
-                                _mm512_extracti32x4_epi32(a, 1), _mm512_extracti32x4_epi32(b, 1),
-                                _mm512_extracti32x4_epi32(a, 2), _mm512_extracti32x4_epi32(b, 2),
-                                _mm512_extracti32x4_epi32(a, 3), _mm512_extracti32x4_epi32(b, 3)};
-            for (int h = 0; h < 8 && c + 16 * h < cols; h++) {
-                int g = (c + 16 * h) / G;
-                __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(parts[h]), _mm512_set1_epi32(8)));
-                __m512 zv = _mm512_set1_ps(w->zeros ? s_at(w->zeros, s0 + (int64_t)g * 16, dt) : 0.f);
-                _mm512_storeu_ps(out + c + 16 * h, _mm512_fmadd_ps(f, _mm512_set1_ps(s_at(w->scales, s0 + (int64_t)g * 16, dt)), zv));
-            }
-        }
-        return;
-#endif
-        for (int c = 0; c < (w->kind == EF_Q8P ? cols / 4 : cols / 8); c++) {
-            const uint8_t *p = q + (int64_t)c * 64;
-            for (int j = 0; j < 4; j++) {
-                int k0 = w->kind == EF_Q8P ? 4 * c + j : 8 * c + j, g = k0 / G;
-                float s = s_at(w->scales, s0 + (int64_t)g * 16, dt);
-                float z = w->zeros ? s_at(w->zeros, s0 + (int64_t)g * 16, dt) : 0.f;
-                if (w->kind == EF_Q8P) {
-                    out[k0] = (float)((int)p[j] - 128) * s + z;
-                } else {
-                    out[k0] = (float)((p[j] & 15) - 8) * s + z;
-                    out[k0 + 4] = (float)((p[j] >> 4) - 8) * s + z;
-                }
-            }
-        }
-        return;
-    }
     const float *S = w->scales + (int64_t)r * ng, *Z = w->zeros ? w->zeros + (int64_t)r * ng : NULL;
     if (w->kind == EF_Q8) {
         const int8_t *q = (const int8_t *)w->data + (int64_t)r * w->row_stride;
@@ -977,7 +898,7 @@ static void dq_fn(void *a_, int ith, int nth) {
 
 /* rows [r0, r1) of w as float32 (r1 - r0, cols): prompts then run a float GEMM over blocks of rows */
 int ef_dequant(const ef_linear *w, int r0, int r1, float *out, int nth) {
-    if (r0 < 0 || r1 > w->rows || r0 > r1) return -1;
+    if (r0 < 0 || r1 > w->rows || r0 > r1 || PACKED(w)) return -1; /* packed prompts run the int8 GEMM */
     dq_args a = {w, r0, r1, out};
     run(dq_fn, &a, nth);
     return 0;

@@ -102,7 +102,7 @@ def float_weight(w: torch.Tensor, bias: torch.Tensor | None = None) -> NativeWei
     return None
 
 
-GEMM_TOKENS = 16  # from this many rows on, blocks of weight rows are dequantized and multiplied by torch's GEMM
+GEMM_TOKENS = 16  # from this many rows on, blocks of plain quantized weight rows are dequantized for torch's GEMM
 _BLOCK_FLOATS = 1 << 22  # 16 MB: the dequantized block's bound
 
 
@@ -123,7 +123,7 @@ def _blocked_gemm(weight: NativeWeight, x2: torch.Tensor) -> torch.Tensor:
     """A prompt's (T, in) rows against a quantized weight: float32 blocks of weight rows, dequantized natively,
     through torch's float GEMM (oneDNN's speed; the dequantization is paid once per T tokens)."""
     y = torch.empty(x2.shape[0], weight.rows, dtype=torch.float32)  # (T, out)
-    step = max(16, _BLOCK_FLOATS // weight.cols // 16 * 16)  # whole 16-row blocks of a packed weight
+    step = max(16, _BLOCK_FLOATS // weight.cols)
     buf = torch.empty(min(step, weight.rows), weight.cols, dtype=torch.float32)
     desc, lib, n = weight.struct(), library(), threads()
     for r0 in range(0, weight.rows, step):
@@ -217,7 +217,6 @@ def quantize_input(x: torch.Tensor) -> torch.Tensor:
     r = (b.double() - q.double() * d.double()).float()  # exact difference, one rounding (decode.c's fmaf)
     q2, d2 = level(r)
     return (q.double() * d.double() + q2.double() * d2.double()).reshape(x.shape)
-
 
 
 def q4_layout(codes: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from npu_backends.build import (  # noqa: E402
 )
 from npu_backends.evaluate import evaluate  # noqa: E402
 from npu_backends.prefill import ChunkedPrefill  # noqa: E402
-from npu_backends.quantize import ROTATE_BLOCK, SMOOTH_ALPHA, build_int8, int8_path, record_calibration  # noqa: E402
+from npu_backends.quantize import ROLES, ROTATE_BLOCK, SMOOTH_ALPHA, build_int8, int8_path, record_calibration  # noqa: E402
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "edgefed-demo"
 SMOLLM2_DIR = Path.home() / ".cache" / "edgefed" / "models" / "SmolLM2-135M-Instruct"
@@ -151,6 +151,12 @@ VARIANTS = {
     "token2": {"mode": "token2"},  # + 2p o, 2L down
     "token2 + 2p gate|up": {"mode": "token2", "two_pass": ("o", "gate", "up")},
     "token2 + 2p gate|up + 2L qkv": {"mode": "token2", "two_pass": ("o", "gate", "up"), "two_level": ("qkv", "down")},
+    # session 12: every linear's input in two passes, no smoothing (after the rotation it only adds error) ...
+    "token2 + 2p all": {"mode": "token2", "two_pass": ROLES, "smooth": None},
+    # ... the second pass on an 11x finer grid in the same GEMM's input rows (fine), not in stacked output rows,
+    # and down's weights' rounding residual as a third block of rows, not a second set of columns
+    "fine": {"mode": "fine", "smooth": None},  # the --fine recipe (quantize.FINE_*)
+    "fine + 2L qkv|o": {"mode": "fine", "two_level": ("qkv", "o", "down"), "smooth": None},
 }
 
 

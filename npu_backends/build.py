@@ -77,9 +77,11 @@ def int8_recipe(opts: PrefillOptions) -> dict:
               "calib_tokens": opts.calib_tokens}
     if opts.int8_mode in quantize.PER_TOKEN:
         recipe |= {"rotate_inputs": True, "gptq": quantize.TOKEN_GPTQ}
-    if opts.int8_mode == "token2":
-        two_pass, two_level = quantize.token2_roles("token2")
+    if opts.int8_mode in quantize.FUSED:
+        two_pass, two_level = quantize.token2_roles(opts.int8_mode)
         recipe |= {"two_pass": list(two_pass), "two_level": list(two_level), "fused_scales": True}
+    if opts.int8_mode == "fine":
+        recipe |= {"smooth_alpha": None, "fine": quantize.fine_step("fine")}
     return recipe | ({"block": quantize.BLOCK} if opts.int8_mode == "block" else {})
 
 
@@ -150,7 +152,7 @@ def _build(model: Transformer, model_dir: str | Path, opts: PrefillOptions, cali
             cached = build_int8(specs, feeds, root, opts.int8_mode, opts.hot_fraction, recipe["smooth_alpha"],
                                 recipe["rotate_block"], block=recipe.get("block", quantize.BLOCK),
                                 gptq=recipe.get("gptq", quantize.TOKEN_GPTQ), two_pass=recipe.get("two_pass"),
-                                two_level=recipe.get("two_level"))
+                                two_level=recipe.get("two_level"), fine=recipe.get("fine"))
             record = read_graphs_json(root)
             record["int8"][opts.int8_mode] = recipe
             write_graphs_json(root, record)
@@ -162,7 +164,7 @@ def _int8_specs(specs: list[GraphSpec], recipe: dict) -> tuple[list[GraphSpec], 
     """The int8 copies of float `specs` (where build_int8 writes them) and the names of those not built yet."""
     paths = [int8_path(s.path, recipe["mode"], recipe["smooth_alpha"], recipe["rotate_block"],
                        block=recipe.get("block", quantize.BLOCK), gptq=recipe.get("gptq", quantize.TOKEN_GPTQ),
-                       two_pass=recipe.get("two_pass"), two_level=recipe.get("two_level"))
+                       two_pass=recipe.get("two_pass"), two_level=recipe.get("two_level"), fine=recipe.get("fine"))
              for s in specs]
     missing = [p.name for p in paths if not p.is_file()]
     return [replace(s, path=str(p)) for s, p in zip(specs, paths, strict=True)], missing
@@ -207,7 +209,7 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: 
         rebuild = (f"`edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} --context "
                    f"{specs[0].context}{groups} --int8{' --shadow' if opts.shadow else ''}"
                    f"{' --block' if opts.block else ''}{' --token' if opts.token else ''}"
-                   f"{' --token2' if opts.token2 else ''}`")
+                   f"{' --token2' if opts.token2 else ''}{' --fine' if opts.fine else ''}`")
         specs, missing = _int8_specs(specs, recipe)
         if missing:
             raise GraphDirError(f"{root}: no int8 ({opts.int8_mode}) graphs: {', '.join(missing)}; build them with "

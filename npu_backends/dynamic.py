@@ -38,7 +38,7 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] = (),
                        moments: Mapping[str, np.ndarray] | None = None, two_pass: Sequence[str] = (),
-                       two_level: Sequence[str] = (), fused: bool = False) -> list[str]:
+                       two_level: Sequence[str] = (), fused: bool = False, fine: int = 0) -> list[str]:
     """Rewrite every weight MatMul of `src` not in `exclude` as a per-token dynamic W8A8 linear; write dst.
 
     moments: node name -> X^T X of its calibration inputs (gptq.input_moments); the weights of the linears
@@ -49,6 +49,11 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
     output channel, ~15 bits in all), both levels in one GEMM over 2 x out columns (twice its GEMM work).
     fused: the column scales applied in the GEMM's output stage (ONNX Runtime's com.microsoft
     MatMulIntegerToFloat, same outputs) instead of MatMulInteger, Cast and Mul.
+    fine: two_pass inputs done in one GEMM of the same rows instead: the rounding residual is put on a grid `fine`
+    times finer than the token's step (|levels| <= fine / 2) and appended along the input axis, and the weights
+    take rows round(Wq / fine) below their own (2 x in rows: twice the GEMM work, no extra output rows). The
+    residual's product then carries ~4-bit weights and levels: ~5x less activation error rather than ~100x,
+    for none of the stacked rows' output work (their row scales, split and add).
     Returns the names of the rewritten MatMuls.
     """
     m = onnx.load(str(src))
@@ -56,42 +61,57 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
     inits = {i.name: i for i in g.initializer}
     tokens = _tokens(g)
     targets = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits and n.name not in exclude]
-    quantized: dict[tuple[str, bool], tuple[str, str]] = {}  # (activation, two-pass) -> (u8 rows, row scales)
+    quantized: dict[tuple, tuple[str, str]] = {}  # (activation, two-pass, third block) -> (u8 rows, row scales)
     before: dict[str, list] = {}  # node name -> nodes to insert right before it
     replace: dict[str, list] = {}
     g.initializer.extend([numpy_helper.from_array(np.array(ZERO, np.uint8), "dyn/zero"),
                           numpy_helper.from_array(np.full(tokens, ZERO, np.uint8), "dyn/zero_rows"),
                           numpy_helper.from_array(np.array(1 / 127, np.float32), "dyn/inv127"),
                           numpy_helper.from_array(np.array(1.0, np.float32), "dyn/one"),
+                          numpy_helper.from_array(np.array(1 / max(fine, 1), np.float32), "dyn/inv_fine"),
+                          numpy_helper.from_array(np.array(max(fine, 1), np.float32), "dyn/fine"),
                           numpy_helper.from_array(np.array(TINY, np.float32), "dyn/tiny"),
                           numpy_helper.from_array(np.array([-1], np.int64), "dyn/flat"),
                           numpy_helper.from_array(np.array([tokens, tokens], np.int64), "dyn/halves")])
     for node in targets:
-        key = (node.input[0], node.name in two_pass)
+        # fine two-pass with two-level weights: a third block of input rows, no second set of output columns
+        fine3 = bool(fine) and node.name in two_pass and node.name in two_level
+        key = (node.input[0], node.name in two_pass, fine3)
         if key not in quantized:
-            nodes, quantized[key] = (_quantize_rows_twice if key[1] else _quantize_rows)(node.name, key[0])
+            if key[1] and fine:
+                nodes, quantized[key] = _quantize_rows_fine(node.name, key[0], fine, fine3)
+            elif key[1]:
+                nodes, quantized[key] = _quantize_rows_twice(node.name, key[0])
+            else:
+                nodes, quantized[key] = _quantize_rows(node.name, key[0])
             before[node.name] = nodes
         q, s = quantized[key]
         w = numpy_helper.to_array(inits[node.input[1]])
         wq, ws = gptq_int8(w, moments[node.name]) if moments and node.name in moments else quantize_weight(w)
-        if node.name in two_level:  # (in, 2 out): the weights, then their rounding residual's own int8 levels
+        if node.name in two_level and not fine3:  # (in, 2 out): the weights, then their rounding residual's levels
             rq, rs = quantize_weight(w - wq.astype(np.float32) * ws)
             wq, ws = np.concatenate([wq, rq], axis=1), np.concatenate([ws, rs])
+        if key[1] and fine:  # (2 in, out): below the weights, their levels on the residual's grid
+            blocks = [wq, np.round(wq.astype(np.float32) / fine).astype(np.int8)]
+            if fine3:  # (3 in, out): and the weights' own rounding residual on a grid `fine` times finer
+                blocks.append(np.clip(np.round(fine * (w / ws - wq)), -127, 127).astype(np.int8))
+            wq = np.concatenate(blocks, axis=0)
+        stacked = key[1] and not fine
         g.initializer.extend([numpy_helper.from_array(wq, f"{node.name}/w_int8"),
                               numpy_helper.from_array(ws, f"{node.name}/w_scale")])
         n = node.name
         replace[n] = _integer_gemm(n, q, fused) + [
-            helper.make_node("Mul", [f"{n}/y_cols", s], [f"{n}/y_rows" if key[1] else f"{n}/y_one"],
+            helper.make_node("Mul", [f"{n}/y_cols", s], [f"{n}/y_rows" if stacked else f"{n}/y_one"],
                              name=f"{n}/RowScale"),
         ]
         y = f"{n}/y_one"
-        if key[1]:  # (1, 2N, out): the two passes' rows summed
+        if stacked:  # (1, 2N, out): the two passes' rows summed
             replace[n] += [
                 helper.make_node("Split", [f"{n}/y_rows", "dyn/halves"], [f"{n}/y_first", f"{n}/y_residual"],
                                  axis=1, name=f"{n}/SplitPasses"),
                 helper.make_node("Add", [f"{n}/y_first", f"{n}/y_residual"], [y], name=f"{n}/AddPasses"),
             ]
-        if node.name in two_level:  # (1, N, 2 out): the two weight levels' columns summed
+        if node.name in two_level and not fine3:  # (1, N, 2 out): the two weight levels' columns summed
             replace[n] += [
                 helper.make_node("Split", [y], [f"{n}/y_level1", f"{n}/y_level2"], axis=-1,
                                  name=f"{n}/SplitLevels"),
@@ -159,6 +179,33 @@ def _quantize_rows_twice(name: str, x: str) -> tuple[list, tuple[str, str]]:
         helper.make_node("Concat", [s1, s2], [t["scale"]], axis=1, name=f"{name}/DynPassScales"),
     ]
     return nodes, (t["u8"], t["scale"])
+
+
+def _quantize_rows_fine(name: str, x: str, fine: int, coarse: bool = False) -> tuple[list, tuple[str, str]]:
+    """Nodes turning x (1, N, K) into (1, N, 2K) uint8: x's levels, then its rounding residual on a grid `fine`
+    times finer (levels within +-fine/2), and the rows' scales (1, N, 1) of the first. coarse: (1, N, 3K), x
+    again on a grid `fine` times coarser (levels within +-127/fine), to meet the weights' rounding residual."""
+    first, (u1, s1) = _quantize_rows(name, x)
+    t = {k: f"{name}/dynf_{k}" for k in ("deq", "residual", "fine_rows", "u8r", "u8")}
+    nodes = first + [
+        helper.make_node("DequantizeLinear", [u1, f"{name}/dyn_scale_rows", "dyn/zero_rows"], [t["deq"]], axis=1,
+                         name=f"{name}/FineDequantize"),
+        helper.make_node("Sub", [x, t["deq"]], [t["residual"]], name=f"{name}/FineResidual"),
+        helper.make_node("Mul", [f"{name}/dyn_scale_rows", "dyn/inv_fine"], [t["fine_rows"]], name=f"{name}/FineStep"),
+        helper.make_node("QuantizeLinear", [t["residual"], t["fine_rows"], "dyn/zero_rows"], [t["u8r"]], axis=1,
+                         name=f"{name}/FineQuantize"),
+    ]
+    blocks = [u1, t["u8r"]]
+    if coarse:
+        nodes += [
+            helper.make_node("Mul", [f"{name}/dyn_scale_rows", "dyn/fine"], [f"{name}/dynf_coarse_rows"],
+                             name=f"{name}/CoarseStep"),
+            helper.make_node("QuantizeLinear", [x, f"{name}/dynf_coarse_rows", "dyn/zero_rows"], [f"{name}/dynf_u8c"],
+                             axis=1, name=f"{name}/CoarseQuantize"),
+        ]
+        blocks.append(f"{name}/dynf_u8c")
+    nodes.append(helper.make_node("Concat", blocks, [t["u8"]], axis=-1, name=f"{name}/FineJoin"))
+    return nodes, (t["u8"], s1)
 
 
 def _tokens(g: onnx.GraphProto) -> int:

@@ -24,6 +24,11 @@ in TOKEN2_TWO_PASS are quantized twice (the second time their rounding residual,
 one GEMM over 2N rows), the weights of TOKEN2_TWO_LEVEL get a second int8 level for their rounding residual
 (one GEMM over 2 x out columns), and every GEMM applies its column scales in its output stage (ONNX
 Runtime's MatMulIntegerToFloat) instead of a Cast and a Mul.
+"fine" is the one that holds >= 99% on SmolLM2-135M: every linear's input is quantized twice, but the second
+pass (its rounding residual on a grid FINE_STEP times finer) goes into the same GEMM as K more input channels, meeting
+the weights on that grid (round(Wq / FINE_STEP)); down's weights' own rounding residual is a third block of rows.
+Twice the GEMM work (2.25x with down's third block), and none of the stacked passes' extra output rows, row
+scales, splits and adds. No smoothing: after the rotations and with both passes it measured no gain.
 """
 
 from __future__ import annotations
@@ -132,14 +137,20 @@ TOKEN_TWO_PASS: tuple[str, ...] = ()  # mode "token": roles whose inputs are qua
 # by their error removed per unit of GEMM work on SmolLM2-135M (benchmarks/README.md, issue 16)
 TOKEN2_TWO_PASS: tuple[str, ...] = ("o",)
 TOKEN2_TWO_LEVEL: tuple[str, ...] = ("down",)
+# mode "fine": every linear's input in two passes, the second on a grid FINE_STEP times finer in the same GEMM's
+# input rows; down's weights' rounding residual as a third block of rows (dynamic.quantize_per_token); no smoothing
+FINE_STEP = 11  # balances the residual's ~4-bit levels against the ~4-bit weights they meet (round(Wq / 11))
+FINE_TWO_PASS: tuple[str, ...] = ("qkv", "o", "gate", "up", "down")
+FINE_TWO_LEVEL: tuple[str, ...] = ("down",)
 # static W8A8 | tight clip + float shadow | per-token dynamic activations | block-wise 8-bit weights and
 # dynamic activations (MatMulNBits) | "token": per-token dynamic activations, the q|k|v, gate|up (and down)
 # inputs Hadamard-rotated, GPTQ-rounded weights (ORT's u8 x s8 GEMM, standard ONNX ops) | "token2": token with
 # two-pass activations and two-level weights on some roles and fused column scales (com.microsoft). "clip"
 # (the tight clip alone, the excess dropped) is gone: on SmolLM2-135M it kept 51% top-1 agreement (issue 16),
 # since what it cuts are the tokens every later one reads.
-MODES = ("minmax", "shadow", "dynamic", "block", "token", "token2")
-PER_TOKEN = ("token", "token2")  # the modes with rotated norm-fed inputs and GPTQ weights
+MODES = ("minmax", "shadow", "dynamic", "block", "token", "token2", "fine")
+PER_TOKEN = ("token", "token2", "fine")  # the modes with rotated norm-fed inputs and GPTQ weights
+FUSED = ("token2", "fine")  # the modes whose GEMMs apply their column scales (MatMulIntegerToFloat)
 ROLES = ("qkv", "o", "gate", "up", "down")  # a layer's weight MatMuls, in graph order
 
 
@@ -147,39 +158,52 @@ def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray
                mode: str = "shadow", fraction: float = 1 / 64, smooth: float | None = SMOOTH_ALPHA,
                rotate: int | None = ROTATE_BLOCK, keep_float: Sequence[str] = (),
                block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] | None = None,
-               two_level: Sequence[str] | None = None) -> list[GraphSpec]:
+               two_level: Sequence[str] | None = None, fine: int | None = None) -> list[GraphSpec]:
     """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration.
 
     smooth: SmoothQuant alpha (None: no smoothing); rotate: Hadamard block of the down input (None: none).
     keep_float: linears left float, as "layer.role" (e.g. "1.down", role one of ROLES).
     block: with mode "block", input channels per weight and activation scale.
-    gptq: with mode "token" or "token2", GPTQ-rounded weights (False: rounded to the nearest level).
-    two_pass, two_level: with mode "token" or "token2", the ROLES whose inputs are quantized in two passes and
-    whose weights get two int8 levels (dynamic.quantize_per_token); None: the mode's own (token2_roles).
+    gptq: with a PER_TOKEN mode, GPTQ-rounded weights (False: rounded to the nearest level).
+    two_pass, two_level: with a PER_TOKEN mode, the ROLES (or single LAYER.ROLE linears) whose inputs are
+    quantized in two passes and whose weights get two int8 levels (dynamic.quantize_per_token); None: the mode's
+    own (token2_roles).
+    fine: the two_pass inputs' residual on a grid this many times finer, as more input channels of the same GEMM
+    (0: as stacked rows; None: the mode's own, FINE_STEP for "fine").
     """
     if mode not in MODES:
         raise UsageError(f"int8 mode {mode!r} is not one of {MODES}")
     two_pass, two_level = token2_roles(mode, two_pass, two_level)
+    fine = fine_step(mode, fine)
     for what, rs in (("two_pass", two_pass), ("two_level", two_level)):
-        if set(rs) - set(ROLES):
-            raise UsageError(f"{what} {sorted(set(rs) - set(ROLES))}: each must be one of {ROLES}")
+        bad = [r for r in rs if r not in ROLES and not _is_role(r)]
+        if bad:
+            raise UsageError(f"{what} {bad}: each must be one of {ROLES} or LAYER.ROLE (e.g. 0.down)")
     bad = [k for k in keep_float if not _is_role(k)]
     if bad:
         raise UsageError(f"keep_float {bad}: each must be LAYER.ROLE with ROLE one of {ROLES} (e.g. 1.down)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [dataclasses.replace(spec, path=str(_quantize_group(spec, group_feeds, out, mode, fraction, smooth, rotate,
-                                                               keep_float, block, gptq, two_pass, two_level)))
+                                                               keep_float, block, gptq, two_pass, two_level,
+                                                               fine)))
             for spec, group_feeds in zip(specs, feeds, strict=True)]
 
 
 def token2_roles(mode: str, two_pass: Sequence[str] | None = None,
                  two_level: Sequence[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The (two-pass, two-level) roles a mode builds with: those given, else token2's TOKEN2_* (none for
-    the other modes)."""
-    token2 = mode == "token2"
-    return (tuple(two_pass) if two_pass is not None else (TOKEN2_TWO_PASS if token2 else TOKEN_TWO_PASS),
-            tuple(two_level) if two_level is not None else (TOKEN2_TWO_LEVEL if token2 else ()))
+    """The (two-pass, two-level) roles a mode builds with: those given, else token2's TOKEN2_* or fine's FINE_*
+    (none for the other modes)."""
+    own = {"token2": (TOKEN2_TWO_PASS, TOKEN2_TWO_LEVEL), "fine": (FINE_TWO_PASS, FINE_TWO_LEVEL)}
+    own_pass, own_level = own.get(mode, (TOKEN_TWO_PASS, ()))
+    return (tuple(two_pass) if two_pass is not None else own_pass,
+            tuple(two_level) if two_level is not None else own_level)
+
+
+def fine_step(mode: str, fine: int | None = None) -> int:
+    """The fine grid a mode's two-pass inputs use (dynamic.quantize_per_token): the one given, else FINE_STEP
+    for "fine", 0 (stacked rows) for the others."""
+    return fine if fine is not None else (FINE_STEP if mode == "fine" else 0)
 
 
 def _is_role(key: str) -> bool:
@@ -200,15 +224,19 @@ def linear_roles(path: str | Path, start: int = 0) -> dict[str, str]:
 def int8_path(float_path: str | Path, mode: str, smooth: float | None = SMOOTH_ALPHA,
               rotate: int | None = ROTATE_BLOCK, out_dir=None, keep_float: Sequence[str] = (),
               block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] | None = None,
-              two_level: Sequence[str] | None = None) -> Path:
+              two_level: Sequence[str] | None = None, fine: int | None = None) -> Path:
     """Where build_int8 writes the int8 copy of one float graph (the name records the recipe)."""
     two_pass, two_level = token2_roles(mode, two_pass, two_level)
+    fine = fine_step(mode, fine)
     p = Path(float_path)
     tag = ("" if smooth is None else f"-sq{round(100 * smooth)}") + ("" if not rotate else f"-rot{rotate}")
     tag += f"-b{block}" if mode == "block" else ""
     if mode in PER_TOKEN:
         tag += ("-gptq" if gptq else "-nearest") + "".join(f"-2p{r}" for r in ROLES if r in two_pass)
         tag += "".join(f"-2L{r}" for r in ROLES if r in two_level)
+        tag += f"-fine{fine}" if fine and two_pass else ""
+        layers = sorted(f"{w}{r}" for w, rs in (("p", two_pass), ("L", two_level)) for r in rs if r not in ROLES)
+        tag += "-l" + hashlib.sha1(",".join(layers).encode()).hexdigest()[:8] if layers else ""
     if keep_float:  # which linears stay float, as a short digest of the sorted keys
         tag += "-f" + hashlib.sha1(",".join(sorted(keep_float)).encode()).hexdigest()[:8]
     return Path(out_dir or p.parent) / f"{p.stem}.int8-{mode}{tag}.onnx"
@@ -223,7 +251,7 @@ def _stats(path: str | Path, feeds: list[dict[str, np.ndarray]], skip: Sequence[
 def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Path, mode: str, fraction: float,
                     smooth: float | None, rotate: int | None, keep_float: Sequence[str] = (),
                     block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] = (),
-                    two_level: Sequence[str] = ()) -> Path:
+                    two_level: Sequence[str] = (), fine: int = 0) -> Path:
     from .dynamic import quantize_blockwise, quantize_per_token
     from .gptq import input_moments
     from .outliers import add_clip_and_shadow, strip_main_clips
@@ -231,7 +259,7 @@ def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Pa
     from .smooth import smooth_graph
 
     name = Path(spec.path).stem
-    dst = int8_path(spec.path, mode, smooth, rotate, out, keep_float, block, gptq, two_pass, two_level)
+    dst = int8_path(spec.path, mode, smooth, rotate, out, keep_float, block, gptq, two_pass, two_level, fine)
     src, exclude = spec.path, head_matmuls(spec.path)  # the head stays float: neither clipped, smoothed nor int8
     roles = linear_roles(spec.path, spec.start)
     exclude += [roles[k] for k in keep_float if k in roles]  # node names survive smoothing and rotation
@@ -261,9 +289,10 @@ def _quantize_group(spec: GraphSpec, feeds: list[dict[str, np.ndarray]], out: Pa
         src = steps[-1]
     if mode in ("dynamic", *PER_TOKEN):
         def of(rs: Sequence[str]) -> list[str]:
-            return [n for k, n in roles.items() if mode in PER_TOKEN and k.partition(".")[2] in rs]
+            return [n for k, n in roles.items() if mode in PER_TOKEN and (k in rs or k.partition(".")[2] in rs)]
 
-        quantize_per_token(src, dst, exclude, moments, of(two_pass), of(two_level), fused=mode == "token2")
+        quantize_per_token(src, dst, exclude, moments, of(two_pass), of(two_level), fused=mode in FUSED,
+                           fine=fine)
     elif mode == "block":
         quantize_blockwise(src, dst, exclude, block)
     else:

@@ -102,6 +102,20 @@ def test_int8_token2_runs_records_its_recipe_and_excludes_the_others(llama_dir, 
     assert main(gen) == 0 and len(json.loads(capsys.readouterr().out)["token_ids"]) == 2
 
 
+def test_int8_fine_records_its_recipe_and_excludes_the_others(llama_dir, capsys, tmp_path):
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
+            "--fine", "--graph-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["int8"] == "fine" and out["max_abs_logit_error"] < 0.2
+    recipe = json.loads((tmp_path / "graphs.json").read_text())["int8"]["fine"]
+    assert recipe["two_pass"] == ["qkv", "o", "gate", "up", "down"] and recipe["two_level"] == ["down"]
+    assert recipe["fine"] == 11 and recipe["smooth_alpha"] is None
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["int8"] == "fine"  # reused
+    assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--int8", "--fine", "--token2"]) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
 def test_generate_takes_the_token_recipe_for_its_ort_prefill(llama_dir, capsys, tmp_path):
     base = ["generate", "--model", str(llama_dir), "--prompt-ids", _ids(40), "--max-new-tokens", "3",
             "--prefill", "ort", "--chunk", "32"]

@@ -92,3 +92,60 @@ def test_token2_roles_are_checked(llama, graphs, tmp_path):
         build_int8(graphs[1], [[]], tmp_path, "token2", two_level=("mlp",))
     with pytest.raises(UsageError, match="two_pass"):
         build_int8(graphs[1], [[]], tmp_path, "token", two_pass=("gate", "attn"))
+
+
+def _exact_weights(rng, k: int, out: int) -> np.ndarray:
+    """Weights on their own int8 grid (one scale per column): quantize_weight keeps them exactly, so whatever
+    error a rewrite leaves is the activations'."""
+    levels = rng.randint(-126, 127, (k, out))
+    levels[0] = 127
+    return (levels * (rng.rand(out) * 0.01 + 0.001)).astype(np.float32)
+
+
+def test_fine_residual_columns_cut_the_activation_error_in_one_gemm_of_the_same_rows(tmp_path):
+    rng = np.random.RandomState(6)
+    n, k, out = 16, 128, 48
+    w = _exact_weights(rng, k, out)
+    x = rng.randn(1, n, k).astype(np.float32)
+    _one_linear(tmp_path / "f.onnx", n, k, w)
+    errs = {}
+    for name, options in (("one", {}), ("stacked", {"two_pass": ["lin"]}), ("fine", {"two_pass": ["lin"], "fine": 11})):
+        quantize_per_token(tmp_path / "f.onnx", tmp_path / f"{name}.onnx", fused=True, **options)
+        errs[name] = _relative(_run(tmp_path / f"{name}.onnx", x), x @ w)
+    assert errs["fine"] < errs["one"] / 4 and errs["stacked"] < errs["fine"], errs  # ~5x, stacked ~100x
+    g = onnx.load(tmp_path / "fine.onnx").graph
+    assert [list(i.dims) for i in g.initializer if i.name == "lin/w_int8"] == [[2 * k, out]]  # 2 x in rows
+    ops = [nd.op_type for nd in g.node]
+    assert ops.count("MatMulIntegerToFloat") == 1 and "Split" not in ops and "Add" not in ops  # N output rows
+
+
+def test_fine_two_level_weights_add_a_third_block_of_rows_not_a_second_set_of_columns(tmp_path):
+    rng = np.random.RandomState(8)
+    n, k, out = 16, 128, 48
+    w = (rng.randn(k, out) * 0.05).astype(np.float32)  # off the int8 grid: the weights' rounding error counts
+    x = rng.randn(1, n, k).astype(np.float32)
+    _one_linear(tmp_path / "f.onnx", n, k, w)
+    errs = {}
+    for name, options in (("fine", {}), ("fine3", {"two_level": ["lin"]})):
+        quantize_per_token(tmp_path / "f.onnx", tmp_path / f"{name}.onnx", fused=True, two_pass=["lin"], fine=11,
+                           **options)
+        errs[name] = _relative(_run(tmp_path / f"{name}.onnx", x), x @ w)
+    assert errs["fine3"] < errs["fine"] / 3, errs
+    g = onnx.load(tmp_path / "fine3.onnx").graph
+    assert [list(i.dims) for i in g.initializer if i.name == "lin/w_int8"] == [[3 * k, out]]
+    assert "Split" not in [nd.op_type for nd in g.node]
+
+
+def test_two_pass_takes_single_layers_by_name(llama, graphs, tmp_path):
+    feeds = record_calibration(llama, graphs[1], [prompt_of(64, seed=702)])
+    spec = build_int8(graphs[1], feeds, tmp_path, "token2", two_pass=("o", "0.down", "2.gate"), two_level=(),
+                      fine=11)[0]
+    roles = linear_roles(graphs[1][0].path)
+    fg = onnx.load(graphs[1][0].path, load_external_data=False).graph
+    k = {i.name: i.dims[0] for i in fg.initializer}
+    k = {n.name: k[n.input[1]] for n in fg.node if n.name in roles.values()}  # each linear's input width
+    dims = {i.name: list(i.dims) for i in onnx.load(spec.path, load_external_data=False).graph.initializer}
+    doubled = {key for key, n in roles.items() if dims[f"{n}/w_int8"][0] == 2 * k[n]}
+    assert doubled == {"0.o", "1.o", "2.o", "3.o", "0.down", "2.gate"}, doubled
+    with pytest.raises(UsageError, match="two_pass"):
+        build_int8(graphs[1], feeds, tmp_path, "token2", two_pass=("x.down",))

@@ -73,7 +73,8 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
                           numpy_helper.from_array(np.array(TINY, np.float32), "dyn/tiny"),
                           numpy_helper.from_array(np.array([-1], np.int64), "dyn/flat"),
                           numpy_helper.from_array(np.array([tokens, tokens], np.int64), "dyn/halves")])
-    for node in targets:
+    for group in _gemm_groups(targets, two_pass, two_level, fine, fused):
+        node = group[0]  # the group's quantization, GEMM and scales are named after its first linear
         # fine two-pass with two-level weights: a third block of input rows, no second set of output columns
         fine3 = bool(fine) and node.name in two_pass and node.name in two_level
         key = (node.input[0], node.name in two_pass, fine3)
@@ -86,16 +87,9 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
                 nodes, quantized[key] = _quantize_rows(node.name, key[0])
             before[node.name] = nodes
         q, s = quantized[key]
-        w = numpy_helper.to_array(inits[node.input[1]])
-        wq, ws = gptq_int8(w, moments[node.name]) if moments and node.name in moments else quantize_weight(w)
-        if node.name in two_level and not fine3:  # (in, 2 out): the weights, then their rounding residual's levels
-            rq, rs = quantize_weight(w - wq.astype(np.float32) * ws)
-            wq, ws = np.concatenate([wq, rq], axis=1), np.concatenate([ws, rs])
-        if key[1] and fine:  # (2 in, out): below the weights, their levels on the residual's grid
-            blocks = [wq, np.round(wq.astype(np.float32) / fine).astype(np.int8)]
-            if fine3:  # (3 in, out): and the weights' own rounding residual on a grid `fine` times finer
-                blocks.append(np.clip(np.round(fine * (w / ws - wq)), -127, 127).astype(np.int8))
-            wq = np.concatenate(blocks, axis=0)
+        weights = [_weights(numpy_helper.to_array(inits[lin.input[1]]), moments.get(lin.name) if moments else None,
+                            lin.name in two_level and not fine3, fine if key[1] else 0, fine3) for lin in group]
+        wq, ws = np.concatenate([w for w, _ in weights], axis=1), np.concatenate([c for _, c in weights])
         stacked = key[1] and not fine
         g.initializer.extend([numpy_helper.from_array(wq, f"{node.name}/w_int8"),
                               numpy_helper.from_array(ws, f"{node.name}/w_scale")])
@@ -118,7 +112,15 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
                 helper.make_node("Add", [f"{n}/y_level1", f"{n}/y_level2"], [f"{n}/y_levels"], name=f"{n}/AddLevels"),
             ]
             y = f"{n}/y_levels"
-        replace[n][-1].output[0] = node.output[0]
+        if len(group) > 1:  # (1, N, sum of outs): each linear's columns to its own output
+            sizes = [w.shape[1] for w, _ in weights]
+            g.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{n}/group_split"))
+            replace[n].append(helper.make_node("Split", [y, f"{n}/group_split"], [lin.output[0] for lin in group],
+                                               axis=-1, name=f"{n}/SplitGroup"))
+            for lin in group[1:]:
+                replace[lin.name] = []
+        else:
+            replace[n][-1].output[0] = node.output[0]
     if fused and not any(o.domain == "com.microsoft" for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     nodes = []
@@ -133,6 +135,37 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
     onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=Path(dst).name + ".data", size_threshold=1024)
     return [n.name for n in targets]
+
+
+def _gemm_groups(targets: list, two_pass: Sequence[str], two_level: Sequence[str], fine: int,
+                 fused: bool) -> list[list]:
+    """The linears to run as one GEMM each, in graph order: with fused scales, those that read the same input
+    with the same options and have one level of output columns (gate and up) share one GEMM over their
+    concatenated columns (one call, one row-scale Mul, one Split), each linear alone otherwise."""
+    groups: dict[tuple, list] = {}
+    for node in targets:
+        stacked_levels = node.name in two_level and not (fine and node.name in two_pass)
+        key = (node.input[0], node.name in two_pass, node.name in two_level)
+        groups.setdefault(key if fused and not stacked_levels else (node.name,), []).append(node)
+    return list(groups.values())
+
+
+def _weights(w: np.ndarray, moments: np.ndarray | None, levels: bool, fine: int,
+             fine3: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One linear's int8 weights (in-rows, out-columns) and column scales, as its GEMM takes them: GPTQ-rounded
+    when `moments` (X^T X) are given; with `levels` a second int8 level for the rounding residual as more columns;
+    with `fine` the levels round(Wq / fine) as more rows, and with fine3 the rounding residual on a grid `fine`
+    times finer as a third block of rows."""
+    wq, ws = gptq_int8(w, moments) if moments is not None else quantize_weight(w)
+    if levels:  # (in, 2 out): the weights, then their rounding residual's levels
+        rq, rs = quantize_weight(w - wq.astype(np.float32) * ws)
+        wq, ws = np.concatenate([wq, rq], axis=1), np.concatenate([ws, rs])
+    if fine:  # (2 in, out): below the weights, their levels on the residual's grid
+        blocks = [wq, np.round(wq.astype(np.float32) / fine).astype(np.int8)]
+        if fine3:  # (3 in, out): and the weights' own rounding residual on a grid `fine` times finer
+            blocks.append(np.clip(np.round(fine * (w / ws - wq)), -127, 127).astype(np.int8))
+        wq = np.concatenate(blocks, axis=0)
+    return wq, ws
 
 
 def _integer_gemm(n: str, q: str, fused: bool) -> list:

@@ -80,8 +80,10 @@ def test_token2_and_fine_int8_keep_top1_agreement_on_smollm2(tmp_path):
     calib = calibration_prompts(SMOLLM2, calibration_texts(), 1024, LENGTH, model.config.vocab_size)
     feeds = record_calibration(model, specs, calib, 2)
     held = heldout_prompts(SMOLLM2, PROMPTS, LENGTH)
-    # measured over 4 x 512 (benchmarks/README.md): token2 98.4%, relative error ~0.0205; fine 99.2%, ~0.012
-    for mode, top1, rel, smooth in (("token2", 0.975, 0.025, SMOOTH_ALPHA), ("fine", 0.985, 0.016, None)):
+    # measured over 4 x 512 (benchmarks/README.md): token2 98.4%, relative error ~0.0205; fine 99.2%, ~0.012.
+    # On this 2 x 256 sample one flip is 0.2 points (fine 98.6%, token2 98.8% here): the relative error is the
+    # steadier measure of the two
+    for mode, top1, rel, smooth in (("token2", 0.975, 0.025, SMOOTH_ALPHA), ("fine", 0.98, 0.016, None)):
         ev = evaluate(model, specs, build_int8(specs, feeds, tmp_path, mode, smooth=smooth), held, threads=2)
         print(f"SmolLM2 {mode} int8: top-1 {ev.agreement.top1:.4f} over {ev.agreement.positions} positions, "
               f"last-layer relative error {ev.relative_error[-1]:.4f}")

@@ -71,15 +71,18 @@ def test_token2_graphs_spend_more_bits_on_their_roles_only(llama, graphs, tmp_pa
     assert token2.path.endswith("-gptq-2po-2Ldown.onnx") and TOKEN2_TWO_PASS == ("o",) and TOKEN2_TWO_LEVEL == ("down",)
     g = onnx.load(token2.path, load_external_data=False).graph
     ops = [n.op_type for n in g.node]
-    assert ops.count("MatMulIntegerToFloat") == 4 * 5 and "MatMulInteger" not in ops
+    assert ops.count("MatMulIntegerToFloat") == 4 * 4 and "MatMulInteger" not in ops  # gate|up: one GEMM
     roles = linear_roles(spec.path)
     node = {n.name: n for n in g.node}
     dims = {i.name: list(i.dims) for i in g.initializer}
     for i in range(4):
         assert node[f"{roles[f'{i}.o']}/MatMulIntegerToFloat"].input[0].endswith("/dyn2_u8")  # (2N, in) rows
         assert node[f"{roles[f'{i}.qkv']}/MatMulIntegerToFloat"].input[0].endswith("/dyn_u8")
-        down, up = dims[f"{roles[f'{i}.down']}/w_int8"], dims[f"{roles[f'{i}.up']}/w_int8"]
-        assert down[1] == 2 * up[0] and up[1] == down[0]  # down: (inter, 2 x hidden); up one level
+        down, gate_up = dims[f"{roles[f'{i}.down']}/w_int8"], dims[f"{roles[f'{i}.gate']}/w_int8"]
+        assert f"{roles[f'{i}.up']}/w_int8" not in dims and node[f"{roles[f'{i}.gate']}/SplitGroup"].output == [
+            {n.name: n for n in onnx.load(spec.path, load_external_data=False).graph.node}[roles[f"{i}.{r}"]].output[0]
+            for r in ("gate", "up")]  # gate and up: one GEMM over both one-level column sets, split after
+        assert down[1] == 2 * gate_up[0] and gate_up[1] == 2 * down[0]  # down: (inter, 2 x hidden)
     prompt = prompt_of(70, seed=701)
     ref = ChunkedPrefill(llama, graphs[1]).run(prompt).logits
     for s in (token, token2):
@@ -145,7 +148,39 @@ def test_two_pass_takes_single_layers_by_name(llama, graphs, tmp_path):
     k = {i.name: i.dims[0] for i in fg.initializer}
     k = {n.name: k[n.input[1]] for n in fg.node if n.name in roles.values()}  # each linear's input width
     dims = {i.name: list(i.dims) for i in onnx.load(spec.path, load_external_data=False).graph.initializer}
-    doubled = {key for key, n in roles.items() if dims[f"{n}/w_int8"][0] == 2 * k[n]}
+    doubled = {key for key, n in roles.items() if f"{n}/w_int8" in dims and dims[f"{n}/w_int8"][0] == 2 * k[n]}
+    assert f"{roles['2.up']}/w_int8" in dims and f"{roles['1.up']}/w_int8" not in dims  # 2.gate: its own GEMM
     assert doubled == {"0.o", "1.o", "2.o", "3.o", "0.down", "2.gate"}, doubled
     with pytest.raises(UsageError, match="two_pass"):
         build_int8(graphs[1], feeds, tmp_path, "token2", two_pass=("x.down",))
+
+
+def test_linears_on_one_input_share_one_gemm_with_each_ones_outputs(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(9)
+    n, k = 8, 64
+    ws = {"gate": (rng.randn(k, 24) * 0.05).astype(np.float32), "up": (rng.randn(k, 40) * 0.05).astype(np.float32)}
+    x = rng.randn(1, n, k).astype(np.float32)
+    x[0, 2] *= 50.0
+    nodes = [helper.make_node("MatMul", ["x", f"w_{r}"], [f"y_{r}"], name=r) for r in ws]
+    nodes.append(helper.make_node("Mul", ["cos", "cos"], ["cos2"]))
+    outs = [helper.make_tensor_value_info(f"y_{r}", TensorProto.FLOAT, [1, n, w.shape[1]]) for r, w in ws.items()]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n, k]),
+                                             helper.make_tensor_value_info("cos", TensorProto.FLOAT, [n, 2])],
+                              [*outs, helper.make_tensor_value_info("cos2", TensorProto.FLOAT, [n, 2])],
+                              [numpy_helper.from_array(w, f"w_{r}") for r, w in ws.items()])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f.onnx"))
+    got = {}
+    for fused in (False, True):
+        quantize_per_token(tmp_path / "f.onnx", tmp_path / f"q{fused}.onnx", fused=fused, two_pass=["gate", "up"],
+                           fine=11)
+        sess = ort.InferenceSession(str(tmp_path / f"q{fused}.onnx"), providers=["CPUExecutionProvider"])
+        got[fused] = sess.run(["y_gate", "y_up"], {"x": x, "cos": np.ones((n, 2), np.float32)})
+    ops = [nd.op_type for nd in onnx.load(tmp_path / "qTrue.onnx").graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("MatMulInteger") == 0  # one GEMM for both
+    assert [nd.op_type for nd in onnx.load(tmp_path / "qFalse.onnx").graph.node].count("MatMulInteger") == 2
+    for a, b, w in zip(got[False], got[True], ws.values(), strict=True):
+        assert a.shape == b.shape == (1, n, w.shape[1])
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
+        assert _relative(b, x @ w) < 2e-2  # the weights' own 8-bit rounding

@@ -10,6 +10,17 @@ def _ids(n):
     return ",".join(map(str, prompt_of(n, seed=9)))
 
 
+def _int8_recipe_run(llama_dir, capsys, graph_dir, flag: str) -> tuple[list[str], dict, dict]:
+    """`edgefed prefill --int8 <flag>` on 70 ids into graph_dir: (its argv, its JSON, the recipe graphs.json
+    records for the mode)."""
+    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
+            flag, "--graph-dir", str(graph_dir)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["int8"] == flag.removeprefix("--")
+    return argv, out, json.loads((graph_dir / "graphs.json").read_text())["int8"][out["int8"]]
+
+
 def test_ort_prefill_reports_speed_provider_and_error(llama_dir, capsys):
     assert main(["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(40), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -59,23 +70,15 @@ def test_a_prompt_longer_than_the_model_holds_is_named_before_any_export(llama_d
 
 
 def test_int8_block_runs_and_needs_int8(llama_dir, capsys, tmp_path):
-    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
-            "--block", "--graph-dir", str(tmp_path)]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["int8"] == "block" and out["max_abs_logit_error"] < 0.5
-    assert json.loads((tmp_path / "graphs.json").read_text())["int8"]["block"]["block"] == 16
+    _, out, recipe = _int8_recipe_run(llama_dir, capsys, tmp_path, "--block")
+    assert out["max_abs_logit_error"] < 0.5 and recipe["block"] == 16
     assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--block"]) == 2
     assert "--block needs --int8" in capsys.readouterr().err
 
 
 def test_int8_token_runs_records_its_recipe_and_excludes_the_others(llama_dir, capsys, tmp_path):
-    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
-            "--token", "--graph-dir", str(tmp_path)]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["int8"] == "token" and out["max_abs_logit_error"] < 0.5
-    recipe = json.loads((tmp_path / "graphs.json").read_text())["int8"]["token"]
+    _, out, recipe = _int8_recipe_run(llama_dir, capsys, tmp_path, "--token")
+    assert out["max_abs_logit_error"] < 0.5
     assert recipe["mode"] == "token" and recipe["gptq"] is True and recipe["rotate_inputs"] is True
     assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--token"]) == 2
     assert "--token needs --int8" in capsys.readouterr().err
@@ -84,12 +87,8 @@ def test_int8_token_runs_records_its_recipe_and_excludes_the_others(llama_dir, c
 
 
 def test_int8_token2_runs_records_its_recipe_and_excludes_the_others(llama_dir, capsys, tmp_path):
-    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
-            "--token2", "--graph-dir", str(tmp_path)]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["int8"] == "token2" and out["max_abs_logit_error"] < 0.5
-    recipe = json.loads((tmp_path / "graphs.json").read_text())["int8"]["token2"]
+    argv, out, recipe = _int8_recipe_run(llama_dir, capsys, tmp_path, "--token2")
+    assert out["max_abs_logit_error"] < 0.5
     assert recipe["two_pass"] == ["o"] and recipe["two_level"] == ["down"] and recipe["fused_scales"] is True
     assert main(argv) == 0  # the second run reuses the graphs its recipe names
     assert json.loads(capsys.readouterr().out)["int8"] == "token2"
@@ -103,17 +102,17 @@ def test_int8_token2_runs_records_its_recipe_and_excludes_the_others(llama_dir, 
 
 
 def test_int8_fine_records_its_recipe_and_excludes_the_others(llama_dir, capsys, tmp_path):
-    argv = ["prefill", "--model", str(llama_dir), "--chunk", "32", "--prompt-ids", _ids(70), "--json", "--int8",
-            "--fine", "--graph-dir", str(tmp_path)]
-    assert main(argv) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["int8"] == "fine" and out["max_abs_logit_error"] < 0.2
-    recipe = json.loads((tmp_path / "graphs.json").read_text())["int8"]["fine"]
+    argv, out, recipe = _int8_recipe_run(llama_dir, capsys, tmp_path, "--fine")
+    assert out["max_abs_logit_error"] < 0.2
     assert recipe["two_pass"] == ["qkv", "o", "gate", "up", "down"] and recipe["two_level"] == ["down"]
     assert recipe["fine"] == 11 and recipe["smooth_alpha"] is None
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["int8"] == "fine"  # reused
     assert main(["prefill", "--model", str(llama_dir), "--prompt-ids", "1,2,3", "--int8", "--fine", "--token2"]) == 2
     assert "choose one" in capsys.readouterr().err
+    gen = ["generate", "--model", str(llama_dir), "--prompt-ids", _ids(40), "--max-new-tokens", "2", "--prefill",
+           "ort", "--chunk", "32", "--int8", "--fine", "--graph-dir", str(tmp_path), "--json"]
+    assert main(gen) == 0 and len(json.loads(capsys.readouterr().out)["token_ids"]) == 2
+    assert main([a for a in gen if a != "--int8"]) == 2 and "--fine needs --int8" in capsys.readouterr().err
 
 
 def test_generate_takes_the_token_recipe_for_its_ort_prefill(llama_dir, capsys, tmp_path):

@@ -153,7 +153,7 @@ VARIANTS = {
     "token2 + 2p gate|up + 2L qkv": {"mode": "token2", "two_pass": ("o", "gate", "up"), "two_level": ("qkv", "down")},
     # session 12: every linear's input in two passes, no smoothing (after the rotation it only adds error) ...
     "token2 + 2p all": {"mode": "token2", "two_pass": ROLES, "smooth": None},
-    # ... the second pass on an 11x finer grid in the same GEMM's input rows (fine), not in stacked output rows,
+    # ... the second pass on an 11x finer grid as more input channels of the same GEMM (fine), not stacked rows,
     # and down's weights' rounding residual as a third block of rows, not a second set of columns
     "fine": {"mode": "fine", "smooth": None},  # the --fine recipe (quantize.FINE_*)
     "fine + 2L qkv|o": {"mode": "fine", "two_level": ("qkv", "o", "down"), "smooth": None},

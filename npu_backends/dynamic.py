@@ -75,7 +75,7 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
                           numpy_helper.from_array(np.array([tokens, tokens], np.int64), "dyn/halves")])
     for group in _gemm_groups(targets, two_pass, two_level, fine, fused):
         node = group[0]  # the group's quantization, GEMM and scales are named after its first linear
-        # fine two-pass with two-level weights: a third block of input rows, no second set of output columns
+        # fine two-pass with two-level weights: a third block of input channels, no second set of output columns
         fine3 = bool(fine) and node.name in two_pass and node.name in two_level
         key = (node.input[0], node.name in two_pass, fine3)
         if key not in quantized:

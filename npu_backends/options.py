@@ -28,8 +28,9 @@ class PrefillOptions:
     # with int8: token plus two-pass activations for o, two-level weights for down and fused column scales
     # (ONNX Runtime's MatMulIntegerToFloat): ~98.4% top-1 on SmolLM2-135M at ~0.85x token's speed (issue 16)
     token2: bool = False
-    # with int8: every linear's input quantized twice, the second pass on an 11x finer grid in the same GEMM's
-    # input rows, down's weights' rounding residual too: >= 99% top-1 on SmolLM2-135M at ~1.2x torch (issue 16)
+    # with int8: every linear's input quantized twice, the second pass on an 11x finer grid as more input
+    # channels of the same GEMM, down's weights' rounding residual too: >= 99% top-1 on SmolLM2-135M at ~1.2x
+    # torch float (issue 16)
     fine: bool = False
 
     @property

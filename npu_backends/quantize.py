@@ -137,8 +137,8 @@ TOKEN_TWO_PASS: tuple[str, ...] = ()  # mode "token": roles whose inputs are qua
 # by their error removed per unit of GEMM work on SmolLM2-135M (benchmarks/README.md, issue 16)
 TOKEN2_TWO_PASS: tuple[str, ...] = ("o",)
 TOKEN2_TWO_LEVEL: tuple[str, ...] = ("down",)
-# mode "fine": every linear's input in two passes, the second on a grid FINE_STEP times finer in the same GEMM's
-# input rows; down's weights' rounding residual as a third block of rows (dynamic.quantize_per_token); no smoothing
+# mode "fine": every linear's input in two passes, the second on a grid FINE_STEP times finer as more input channels
+# of the same GEMM; down's weights' rounding residual as a third block (dynamic.quantize_per_token); no smoothing
 FINE_STEP = 11  # balances the residual's ~4-bit levels against the ~4-bit weights they meet (round(Wq / 11))
 FINE_TWO_PASS: tuple[str, ...] = ("qkv", "o", "gate", "up", "down")
 FINE_TWO_LEVEL: tuple[str, ...] = ("down",)

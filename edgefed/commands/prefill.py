@@ -31,8 +31,8 @@ def add_parser(sub) -> None:
                    "o projection and two-level weights for down, column scales fused into the GEMM (ONNX Runtime's "
                    "MatMulIntegerToFloat): ~98.4%% top-1 agreement on SmolLM2-135M at ~0.85x --token's speed")
     p.add_argument("--fine", action="store_true", help="with --int8: every linear's input quantized twice, the "
-                   "second pass on an 11x finer grid in the same GEMM's input rows, and down's weights' rounding "
-                   "residual too: >= 99%% top-1 agreement on SmolLM2-135M at ~0.8x --token2's speed")
+                   "second pass on an 11x finer grid as more input channels of the same GEMM, and down's weights' "
+                   "rounding residual too: >= 99%% top-1 agreement on SmolLM2-135M at ~0.8x --token2's speed")
     p.add_argument("--graph-dir", help="keep exported graphs here and reuse them")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer.json)")

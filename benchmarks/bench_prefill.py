@@ -155,8 +155,8 @@ VARIANTS = {
     "token2 + 2p all": {"mode": "token2", "two_pass": ROLES, "smooth": None},
     # ... the second pass on an 11x finer grid as more input channels of the same GEMM (fine), not stacked rows,
     # and down's weights' rounding residual as a third block of rows, not a second set of columns
-    "fine": {"mode": "fine", "smooth": None},  # the --fine recipe (quantize.FINE_*)
-    "fine + 2L qkv|o": {"mode": "fine", "two_level": ("qkv", "o", "down"), "smooth": None},
+    "fine": {"mode": "fine"},  # the --fine recipe (quantize.FINE_*, no smoothing)
+    "fine + 2L qkv|o": {"mode": "fine", "two_level": ("qkv", "o", "down")},
 }
 
 

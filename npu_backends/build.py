@@ -72,16 +72,17 @@ def int8_recipe(opts: PrefillOptions) -> dict:
     """Everything besides the float graphs that the int8 copies are built with (graphs.json records it per mode):
     copies built with other settings are rebuilt or refused, not reused. The calibration text is left out: the
     command line always passes the same corpus spread."""
-    recipe = {"mode": opts.int8_mode, "smooth_alpha": quantize.SMOOTH_ALPHA, "rotate_block": quantize.ROTATE_BLOCK,
+    recipe = {"mode": opts.int8_mode, "smooth_alpha": quantize.own_smooth(opts.int8_mode),
+              "rotate_block": quantize.ROTATE_BLOCK,
               "quantize_outputs": quantize.QUANTIZE_OUTPUTS, "hot_fraction": opts.hot_fraction,
               "calib_tokens": opts.calib_tokens}
     if opts.int8_mode in quantize.PER_TOKEN:
         recipe |= {"rotate_inputs": True, "gptq": quantize.TOKEN_GPTQ}
     if opts.int8_mode in quantize.FUSED:
-        two_pass, two_level = quantize.token2_roles(opts.int8_mode)
+        two_pass, two_level = quantize.mode_roles(opts.int8_mode)
         recipe |= {"two_pass": list(two_pass), "two_level": list(two_level), "fused_scales": True}
     if opts.int8_mode == "fine":
-        recipe |= {"smooth_alpha": None, "fine": quantize.fine_step("fine")}
+        recipe |= {"fine": quantize.fine_step("fine")}
     return recipe | ({"block": quantize.BLOCK} if opts.int8_mode == "block" else {})
 
 

@@ -87,8 +87,9 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
                 nodes, quantized[key] = _quantize_rows(node.name, key[0])
             before[node.name] = nodes
         q, s = quantized[key]
+        levels = node.name in two_level and not fine3  # a second set of output columns
         weights = [_weights(numpy_helper.to_array(inits[lin.input[1]]), moments.get(lin.name) if moments else None,
-                            lin.name in two_level and not fine3, fine if key[1] else 0, fine3) for lin in group]
+                            levels, fine if key[1] else 0, fine3) for lin in group]
         wq, ws = np.concatenate([w for w, _ in weights], axis=1), np.concatenate([c for _, c in weights])
         stacked = key[1] and not fine
         g.initializer.extend([numpy_helper.from_array(wq, f"{node.name}/w_int8"),
@@ -105,7 +106,7 @@ def quantize_per_token(src: str | Path, dst: str | Path, exclude: Sequence[str] 
                                  axis=1, name=f"{n}/SplitPasses"),
                 helper.make_node("Add", [f"{n}/y_first", f"{n}/y_residual"], [y], name=f"{n}/AddPasses"),
             ]
-        if node.name in two_level and not fine3:  # (1, N, 2 out): the two weight levels' columns summed
+        if levels:  # (1, N, 2 out): the two weight levels' columns summed
             replace[n] += [
                 helper.make_node("Split", [y], [f"{n}/y_level1", f"{n}/y_level2"], axis=-1,
                                  name=f"{n}/SplitLevels"),
@@ -196,17 +197,22 @@ def _quantize_rows(name: str, x: str) -> tuple[list, tuple[str, str]]:
     return nodes, (t["u8"], t["scale"])
 
 
+def _rounding_residual(name: str, x: str, u8: str) -> tuple[list, str]:
+    """Nodes computing x minus its per-token int8 levels `u8` (from _quantize_rows(name, x)), and that tensor."""
+    deq, residual = f"{name}/dyn_deq", f"{name}/dyn_residual"
+    return [helper.make_node("DequantizeLinear", [u8, f"{name}/dyn_scale_rows", "dyn/zero_rows"], [deq], axis=1,
+                             name=f"{name}/DynDequantize"),
+            helper.make_node("Sub", [x, deq], [residual], name=f"{name}/DynResidual")], residual
+
+
 def _quantize_rows_twice(name: str, x: str) -> tuple[list, tuple[str, str]]:
     """Nodes turning x (1, N, K) into (1, 2N, K) uint8 rows: x's, then its rounding residual's, and their
     scales (1, 2N, 1)."""
     first, (u1, s1) = _quantize_rows(name, x)
-    t = {k: f"{name}/dyn2_{k}" for k in ("deq", "residual", "u8", "scale")}
-    nodes = first + [
-        helper.make_node("DequantizeLinear", [u1, f"{name}/dyn_scale_rows", "dyn/zero_rows"], [t["deq"]], axis=1,
-                         name=f"{name}/DynDequantize"),
-        helper.make_node("Sub", [x, t["deq"]], [t["residual"]], name=f"{name}/DynResidual"),
-    ]
-    second, (u2, s2) = _quantize_rows(f"{name}/residual", t["residual"])
+    t = {k: f"{name}/dyn2_{k}" for k in ("u8", "scale")}
+    rounding, residual = _rounding_residual(name, x, u1)
+    nodes = first + rounding
+    second, (u2, s2) = _quantize_rows(f"{name}/residual", residual)
     nodes += second + [
         helper.make_node("Concat", [u1, u2], [t["u8"]], axis=1, name=f"{name}/DynPasses"),
         helper.make_node("Concat", [s1, s2], [t["scale"]], axis=1, name=f"{name}/DynPassScales"),
@@ -219,13 +225,11 @@ def _quantize_rows_fine(name: str, x: str, fine: int, coarse: bool = False) -> t
     times finer (levels within +-fine/2), and the rows' scales (1, N, 1) of the first. coarse: (1, N, 3K), x
     again on a grid `fine` times coarser (levels within +-127/fine), to meet the weights' rounding residual."""
     first, (u1, s1) = _quantize_rows(name, x)
-    t = {k: f"{name}/dynf_{k}" for k in ("deq", "residual", "fine_rows", "u8r", "u8")}
-    nodes = first + [
-        helper.make_node("DequantizeLinear", [u1, f"{name}/dyn_scale_rows", "dyn/zero_rows"], [t["deq"]], axis=1,
-                         name=f"{name}/FineDequantize"),
-        helper.make_node("Sub", [x, t["deq"]], [t["residual"]], name=f"{name}/FineResidual"),
+    t = {k: f"{name}/dynf_{k}" for k in ("fine_rows", "u8r", "u8")}
+    rounding, residual = _rounding_residual(name, x, u1)
+    nodes = first + rounding + [
         helper.make_node("Mul", [f"{name}/dyn_scale_rows", "dyn/inv_fine"], [t["fine_rows"]], name=f"{name}/FineStep"),
-        helper.make_node("QuantizeLinear", [t["residual"], t["fine_rows"], "dyn/zero_rows"], [t["u8r"]], axis=1,
+        helper.make_node("QuantizeLinear", [residual, t["fine_rows"], "dyn/zero_rows"], [t["u8r"]], axis=1,
                          name=f"{name}/FineQuantize"),
     ]
     blocks = [u1, t["u8r"]]

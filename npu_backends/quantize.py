@@ -148,6 +148,7 @@ FINE_TWO_LEVEL: tuple[str, ...] = ("down",)
 # two-pass activations and two-level weights on some roles and fused column scales (com.microsoft). "clip"
 # (the tight clip alone, the excess dropped) is gone: on SmolLM2-135M it kept 51% top-1 agreement (issue 16),
 # since what it cuts are the tokens every later one reads.
+OWN = "own"  # a recipe argument left to the mode's own choice (own_smooth)
 MODES = ("minmax", "shadow", "dynamic", "block", "token", "token2", "fine")
 PER_TOKEN = ("token", "token2", "fine")  # the modes with rotated norm-fed inputs and GPTQ weights
 FUSED = ("token2", "fine")  # the modes whose GEMMs apply their column scales (MatMulIntegerToFloat)
@@ -155,26 +156,27 @@ ROLES = ("qkv", "o", "gate", "up", "down")  # a layer's weight MatMuls, in graph
 
 
 def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray]]], out_dir: str | Path,
-               mode: str = "shadow", fraction: float = 1 / 64, smooth: float | None = SMOOTH_ALPHA,
+               mode: str = "shadow", fraction: float = 1 / 64, smooth: float | str | None = OWN,
                rotate: int | None = ROTATE_BLOCK, keep_float: Sequence[str] = (),
                block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] | None = None,
                two_level: Sequence[str] | None = None, fine: int | None = None) -> list[GraphSpec]:
     """Quantized copies of the float graphs `specs` in out_dir; `feeds` from record_calibration.
 
-    smooth: SmoothQuant alpha (None: no smoothing); rotate: Hadamard block of the down input (None: none).
+    smooth: SmoothQuant alpha (None: no smoothing; OWN: the mode's own, own_smooth); rotate: Hadamard block of
+    the down input (None: none).
     keep_float: linears left float, as "layer.role" (e.g. "1.down", role one of ROLES).
     block: with mode "block", input channels per weight and activation scale.
     gptq: with a PER_TOKEN mode, GPTQ-rounded weights (False: rounded to the nearest level).
     two_pass, two_level: with a PER_TOKEN mode, the ROLES (or single LAYER.ROLE linears) whose inputs are
     quantized in two passes and whose weights get two int8 levels (dynamic.quantize_per_token); None: the mode's
-    own (token2_roles).
+    own (mode_roles).
     fine: the two_pass inputs' residual on a grid this many times finer, as more input channels of the same GEMM
     (0: as stacked rows; None: the mode's own, FINE_STEP for "fine").
     """
     if mode not in MODES:
         raise UsageError(f"int8 mode {mode!r} is not one of {MODES}")
-    two_pass, two_level = token2_roles(mode, two_pass, two_level)
-    fine = fine_step(mode, fine)
+    two_pass, two_level = mode_roles(mode, two_pass, two_level)
+    fine, smooth = fine_step(mode, fine), own_smooth(mode, smooth)
     for what, rs in (("two_pass", two_pass), ("two_level", two_level)):
         bad = [r for r in rs if r not in ROLES and not _is_role(r)]
         if bad:
@@ -190,7 +192,7 @@ def build_int8(specs: Sequence[GraphSpec], feeds: list[list[dict[str, np.ndarray
             for spec, group_feeds in zip(specs, feeds, strict=True)]
 
 
-def token2_roles(mode: str, two_pass: Sequence[str] | None = None,
+def mode_roles(mode: str, two_pass: Sequence[str] | None = None,
                  two_level: Sequence[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The (two-pass, two-level) roles a mode builds with: those given, else token2's TOKEN2_* or fine's FINE_*
     (none for the other modes)."""
@@ -198,6 +200,12 @@ def token2_roles(mode: str, two_pass: Sequence[str] | None = None,
     own_pass, own_level = own.get(mode, (TOKEN_TWO_PASS, ()))
     return (tuple(two_pass) if two_pass is not None else own_pass,
             tuple(two_level) if two_level is not None else own_level)
+
+
+def own_smooth(mode: str, smooth: float | str | None = OWN) -> float | None:
+    """The SmoothQuant alpha a mode builds with: the one given, else none for "fine" (once every input has two
+    passes it measured no gain), SMOOTH_ALPHA for the others."""
+    return smooth if smooth != OWN else (None if mode == "fine" else SMOOTH_ALPHA)
 
 
 def fine_step(mode: str, fine: int | None = None) -> int:
@@ -221,13 +229,13 @@ def linear_roles(path: str | Path, start: int = 0) -> dict[str, str]:
     return {f"{start + k // len(ROLES)}.{ROLES[k % len(ROLES)]}": n for k, n in enumerate(names)}
 
 
-def int8_path(float_path: str | Path, mode: str, smooth: float | None = SMOOTH_ALPHA,
+def int8_path(float_path: str | Path, mode: str, smooth: float | str | None = OWN,
               rotate: int | None = ROTATE_BLOCK, out_dir=None, keep_float: Sequence[str] = (),
               block: int = BLOCK, gptq: bool = TOKEN_GPTQ, two_pass: Sequence[str] | None = None,
               two_level: Sequence[str] | None = None, fine: int | None = None) -> Path:
     """Where build_int8 writes the int8 copy of one float graph (the name records the recipe)."""
-    two_pass, two_level = token2_roles(mode, two_pass, two_level)
-    fine = fine_step(mode, fine)
+    two_pass, two_level = mode_roles(mode, two_pass, two_level)
+    fine, smooth = fine_step(mode, fine), own_smooth(mode, smooth)
     p = Path(float_path)
     tag = ("" if smooth is None else f"-sq{round(100 * smooth)}") + ("" if not rotate else f"-rot{rotate}")
     tag += f"-b{block}" if mode == "block" else ""

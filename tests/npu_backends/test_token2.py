@@ -90,6 +90,14 @@ def test_token2_graphs_spend_more_bits_on_their_roles_only(llama, graphs, tmp_pa
         assert np.abs(got - ref).max() < 0.5 and got.argmax() == ref.argmax()
 
 
+def test_fine_builds_unsmoothed_unless_told_and_token2_smoothed():
+    from npu_backends.quantize import int8_path
+
+    assert "-sq" not in int8_path("g.onnx", "fine").name and "-sq50-" in int8_path("g.onnx", "token2").name
+    assert "-sq50-" in int8_path("g.onnx", "fine", smooth=0.5).name and "-sq" not in int8_path("g.onnx", "token2",
+                                                                                                smooth=None).name
+
+
 def test_token2_roles_are_checked(llama, graphs, tmp_path):
     with pytest.raises(UsageError, match="two_level"):
         build_int8(graphs[1], [[]], tmp_path, "token2", two_level=("mlp",))

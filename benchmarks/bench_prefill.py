@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if "--native-int8" in sys.argv:  # edgefed's own setting (edgefed/cli.py): idle OpenMP workers sleep between the
@@ -170,27 +171,35 @@ def bench_model(name: str, model_dir: Path, a: argparse.Namespace, peaks: dict) 
     out = {"model": name, "prompt": source, "tokens": a.prompt_len, "gflop": flops / 1e9, "chunk": a.chunk,
            "context": context, "past_slots": context - a.chunk, "calib_tokens": a.calib_tokens,
            "int8_recipe": {"smooth_alpha": SMOOTH_ALPHA, "rotate_block": ROTATE_BLOCK, "float_head": True}}
-    root = Path(a.cache) / f"{Path(name).name}-graphs-c{a.chunk}-t{context}"
     opts = PrefillOptions(a.chunk, context, threads=a.threads)
-    specs = float_graphs(model, opts, root, weights_digest(model_dir))  # reused while the weights are the same
-    variants = {"ORT float32, chunked": specs}
-    chosen = [v for v in a.variants.split(",") if v] or list(VARIANTS)
-    feeds = None
-    for label in chosen:
-        built = _built(specs, root, VARIANTS[label]) if a.reuse_int8 else None
-        if built is None:
-            if feeds is None:
-                calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context, cfg.vocab_size)
-                feeds = record_calibration(model, specs, calib, a.threads)
-            built = build_int8(specs, feeds, root, **VARIANTS[label])
-        variants[f"ORT int8 {label}, chunked"] = built
-    del feeds
-    gc.collect()
+    variants, chosen = {}, [v for v in a.variants.split(",") if v] or list(VARIANTS)
+    float_specs = None
+    for attention in a.attention.split(","):  # GroupQueryAttention (fused) and/or masked standard ops (plain)
+        fused = attention == "fused"
+        tag = "" if fused else ", plain attention"
+        root = Path(a.cache) / f"{Path(name).name}-graphs-c{a.chunk}-t{context}{'' if fused else '-plain'}"
+        specs = float_graphs(model, replace(opts, fused_attention=fused), root, weights_digest(model_dir))
+        variants[f"ORT float32, chunked{tag}"] = specs
+        float_specs = float_specs or specs
+        feeds = None
+        for label in chosen:
+            built = _built(specs, root, VARIANTS[label]) if a.reuse_int8 else None
+            if built is None:
+                if feeds is None:
+                    calib = calibration_prompts(model_dir, calibration_texts(), a.calib_tokens, context,
+                                                cfg.vocab_size)
+                    feeds = record_calibration(model, specs, calib, a.threads)
+                built = build_int8(specs, feeds, root, **VARIANTS[label])
+            variants[f"ORT int8 {label}, chunked{tag}"] = built
+        del feeds
+        gc.collect()
+    specs = float_specs  # the first layout's float graphs: the reference of every variant's agreement
     if a.eval_prompts:  # every position of held-out prompts, from the same graphs that are timed
         held = [text_ids[i * a.eval_len:(i + 1) * a.eval_len] for i in range(a.eval_prompts)]
         judged = [v for v in a.eval_variants.split(",") if v] or chosen
         out["agreement"] = {label: _evaluation(model, specs, v, held, a.threads) for label, v in variants.items()
-                            if v is not specs and label.removeprefix("ORT int8 ").removesuffix(", chunked") in judged}
+                            if label.startswith("ORT int8 ")
+                            and label.removeprefix("ORT int8 ").split(", chunked")[0] in judged}
     runners = {"torch float32, full prompt": torch_runner(model, prompt)}
     runners |= {label: ort_runner(open_prefill(model, v, opts), prompt) for label, v in variants.items()}
     if a.native_int8:  # a CPU kernel, not an ORT graph: what a block-wise int8 GEMM at integer speed gives
@@ -278,6 +287,8 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=4, help="held-out prompts for top-1 agreement (0: skip)")
     ap.add_argument("--eval-len", type=int, default=512)
     ap.add_argument("--eval-variants", default="", help="comma list: evaluate agreement of these only (default all)")
+    ap.add_argument("--attention", default="fused", help="comma list of graph attention layouts: fused (ONNX "
+                    "Runtime's GroupQueryAttention over the written past slots) and/or plain (masked standard ops)")
     ap.add_argument("--cache", default="/tmp/edgefed-bench")
     ap.add_argument("--reuse-int8", action="store_true", help="time the int8 graphs an earlier run of this code "
                     "left in --cache (named by their recipe) instead of building them again")

@@ -91,6 +91,9 @@ def add_prefill_args(p: argparse.ArgumentParser) -> None:
                    "second pass on an 11x finer grid in the same GEMM (>= 99%% top-1 on SmolLM2-135M, ~0.8x "
                    "--token2's speed)")
     p.add_argument("--graph-dir", help="with --prefill ort: keep and reuse exported graphs")
+    p.add_argument("--plain-attention", action="store_true", help="with --prefill ort: attention as standard "
+                   "ONNX ops over every past slot, not ONNX Runtime's GroupQueryAttention (for a provider that "
+                   "must run every node)")
 
 
 def sampling_from_args(args: argparse.Namespace, model_dir: str | Path) -> SamplingConfig:
@@ -137,7 +140,8 @@ def prefill_from_args(args: argparse.Namespace, context: int) -> PrefillOptions 
         raise ValueError(f"{' and '.join(recipes)} are int8 recipes: choose one")
     return PrefillOptions(args.chunk, context, provider=args.provider, strict=args.strict, int8=args.int8,
                           shadow=args.shadow, threads=args.threads, graph_dir=args.graph_dir, block=block,
-                          token=token, token2=token2, fine=fine)
+                          token=token, token2=token2, fine=fine,
+                          fused_attention=not getattr(args, "plain_attention", False))
 
 
 def run_config(args: argparse.Namespace, prompt: list[int], prefill: PrefillOptions | None, *,

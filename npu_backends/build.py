@@ -113,11 +113,13 @@ def float_graphs(model: Transformer, opts: PrefillOptions, root: Path, weights: 
     if found is not None:
         specs, record = found
         if (weights is not None and record["provenance"] == export_provenance(weights, opts.chunk, opts.context,
-                                                                               opts.groups)
+                                                                               opts.groups,
+                                                                               fused=opts.fused)
                 and all(Path(s.path).is_file() for s in specs)):
             return specs
     old = found[0] if found is not None else []
-    specs = export_chunk_graphs(model, root, opts.chunk, opts.context, opts.groups, weights=weights)
+    specs = export_chunk_graphs(model, root, opts.chunk, opts.context, opts.groups, weights=weights,
+                                fused=opts.fused)
     _drop_int8(root, old + specs)
     return specs
 
@@ -205,6 +207,10 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: 
     if expected_digest is not None and prov.get("weights") != expected_digest:
         raise GraphDirError(f"{root}: the chunk graphs there were exported from other weights (digest "
                             f"{str(prov.get('weights'))[:12]}, the model's is {expected_digest[:12]}); {again}")
+    if specs[0].fused and not opts.fused:
+        raise GraphDirError(f"{root}: the chunk graphs there attend through ONNX Runtime's GroupQueryAttention, "
+                            f"which only the CPU runs, and --strict on {opts.provider} forbids the CPU fall-back; "
+                            f"{again[:-1]} --plain-attention`")
     if opts.int8:
         recipe = int8_recipe(opts)
         rebuild = (f"`edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} --context "

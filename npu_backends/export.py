@@ -7,6 +7,7 @@ NPU compilers (QNN HTP, OpenVINO NPU, CoreML) require:
     cos, sin (N, D) float           RoPE rows for the chunk's positions, computed on the host
     mask (1, 1, N, C + N) float     additive; keys are C past slots then the chunk's own N
     past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group; absent when C = 0
+    seqlens_k (1,) int32, total_sequence_length () int32   fused graphs: pos0 + N - 1 and pos0 + N
     last_index (1,) int64           last layer group only: the row whose logits are wanted
 
 The graphs hold a context of T tokens (the longest prompt they take, a multiple of N)
@@ -16,7 +17,12 @@ past slots would only ever be masked, yet every chunk would pay attention over t
 Outputs: hidden (1, N, hidden) or, for the last group, logits (1, 1, vocab); and
 present_k_{i}, present_v_{i} (1, Hkv, N, D), the chunk's own K/V, which the host writes
 into its cache. Layer groups [a, b) give the per-block subgraphs the scheduler runs.
-Attention and the mask stay ordinary float ops, so quantization can leave them alone.
+Attention stays float, so quantization leaves it alone. In fused graphs (the default when there are past
+slots) full-attention layers run ONNX Runtime's GroupQueryAttention, which reads only the pos0 written past
+slots and needs no "mask" input; a chunk attending through the mask pays for all C slots, written or not
+(~35 ms of a 128-token SmolLM2 chunk at C = 384). Windowed layers keep a mask (mask_w{window}), and
+fused=False exports standard ONNX ops only, for an accelerator that must take every node. GroupQueryAttention
+is a CPU (and CUDA) contrib op: an NPU EP leaves it to the CPU, where mllm-NPU keeps attention too.
 
 graphs.json, beside the graphs, lists them and records what they were built from (their
 provenance): a digest of the checkpoint's files (weights_digest) and the export options.
@@ -47,7 +53,7 @@ CHUNK_SIZES = (32, 64, 128, 256)
 OPSET = 17
 # Version of the exported graphs and graphs.json: bump it whenever a change here (inputs, outputs, the math of a
 # layer) makes graphs exported earlier wrong for this code, so that they are rebuilt rather than reused.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 GRAPHS_JSON = "graphs.json"
 
 
@@ -63,12 +69,69 @@ class GraphSpec:
     past: int  # C = T - N past K/V slots per layer
     first: bool
     last: bool
-    windows: tuple[int | None, ...]  # the distinct attention windows; one mask input each
+    windows: tuple[int | None, ...]  # the distinct attention windows
     all_logits: bool = False  # last group: logits for every row (1, N, vocab), for evaluation
+    # full-attention layers run ONNX Runtime's GroupQueryAttention over the written past slots only (no "mask"
+    # input; seqlens_k and total_sequence_length instead). False: every layer attends through an additive mask.
+    fused: bool = False
+
+    @property
+    def mask_windows(self) -> tuple[int | None, ...]:
+        """The windows that take an additive mask input, one each."""
+        return tuple(w for w in self.windows if not (self.fused and w is None))
 
 
 def _mask_name(window: int | None) -> str:
     return "mask" if window is None else f"mask_w{window}"
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Causal attention of a chunk over the written past slots and its own rows, exported as ONNX Runtime's
+    com.microsoft GroupQueryAttention (contrib op of the CPU and CUDA EPs).
+
+    The op reads the past only up to its written length (seqlens_k) instead of every slot under a mask, and
+    fuses the scale, softmax and both products: a chunk no longer pays for the slots it cannot see. Inputs:
+    q (1, N, H*D) and k, v (1, N, Hkv*D) after RoPE, past K/V (1, Hkv, C, D) with slots [0, pos0) written,
+    seqlens_k (1,) int32 = pos0 + N - 1, total_sequence_length () int32 = pos0 + N. An accelerator EP leaves the
+    node to the CPU, as mllm-NPU keeps attention there; `plain_attention` exports the masked ops instead.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, heads: int, kv_heads: int):
+        n, d = q.shape[1], past_k.shape[-1]
+        pos0 = int(total) - n
+        mask = torch.where(_written_causal(pos0, n, past_k.shape[2]), 0.0, -1e9)  # (N, C+N)
+        k = torch.cat([past_k, k.view(1, n, kv_heads, d).transpose(1, 2)], dim=2)
+        v = torch.cat([past_v, v.view(1, n, kv_heads, d).transpose(1, 2)], dim=2)
+        return _grouped_attention(q.view(1, n, heads, d).transpose(1, 2), k, v, mask[None, None])
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads):
+        out, _, _ = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total,
+                         num_heads_i=heads, kv_num_heads_i=kv_heads, outputs=3)
+        out.setType(q.type())
+        return out
+
+
+def _written_causal(pos0: int, n: int, past: int) -> torch.Tensor:
+    """(N, C+N) bool: query pos0 + i sees past slot j iff j < pos0, and its own rows causally."""
+    q = torch.arange(pos0, pos0 + n)[:, None]
+    keys = torch.cat([torch.arange(past), torch.arange(pos0, pos0 + n)])[None, :]
+    return (keys <= q) & torch.cat([torch.arange(past) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
+
+
+def _grouped_attention(q, keys, values, mask):
+    """q (1, H, N, D) over keys/values (1, Hkv, C+N, D) with additive mask (1, 1, N, C+N) -> (1, N, H*D)."""
+    _, hq, n, d = q.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    # Group queries by their KV head instead of repeating K/V: (1, Hkv, g*N, D).
+    qg = q.reshape(1, hkv, g * n, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (1, Hkv, g*N, C+N)
+    scores = scores.view(1, hkv, g, n, -1) + mask.unsqueeze(1)  # mask (1, 1, 1, N, C+N)
+    probs = torch.softmax(scores, dim=-1).view(1, hkv, g * n, -1)
+    y = torch.matmul(probs, values).view(1, hq, n, d)  # (1, H, N, D)
+    return y.transpose(1, 2).reshape(1, n, hq * d)  # (1, N, H*D)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,34 +167,36 @@ class _Layer(nn.Module):
         gate, up = F.linear(x, self.w1, self.b1), F.linear(x, self.w3, self.b3)
         return F.linear(F.silu(gate) * up, self.w2, self.b2)
 
-    def attention(self, x, cos, sin, mask, past_k, past_v):
+    def attention(self, x, cos, sin, mask, past_k, past_v, fused=None):
+        """fused: (seqlens_k, total_sequence_length) to attend through _FusedAttention instead of the mask."""
         n, d, hq, hkv = x.shape[1], self.head_dim, self.heads, self.kv_heads
         q, k, v = F.linear(x, self.wqkv, self.bqkv).split([hq * d, hkv * d, hkv * d], dim=-1)
+        if fused is not None:
+            # RoPE in the (1, N, heads, D) layout the op takes: no transposes around it.
+            q = apply_rotary(q.view(1, n, hq, d), cos[:, None], sin[:, None]).reshape(1, n, hq * d)
+            k = apply_rotary(k.view(1, n, hkv, d), cos[:, None], sin[:, None]).reshape(1, n, hkv * d)
+            y = _FusedAttention.apply(q, k, v, past_k, past_v, *fused, hq, hkv)
+            k, v = (t.view(1, n, hkv, d).transpose(1, 2) for t in (k, v))  # (1, Hkv, N, D) for the host
+            return F.linear(y, self.wo, self.bo), k, v
         q = q.view(1, n, hq, d).transpose(1, 2)  # (1, H, N, D)
         k = k.view(1, n, hkv, d).transpose(1, 2)  # (1, Hkv, N, D)
         v = v.view(1, n, hkv, d).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (1, Hkv, C+N, D)
         values = v if past_v is None else torch.cat([past_v, v], dim=2)
-        g = hq // hkv
-        # Group queries by their KV head instead of repeating K/V: (1, Hkv, g*N, D).
-        qg = q.reshape(1, hkv, g * n, d)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # (1, Hkv, g*N, C+N)
-        scores = scores.view(1, hkv, g, n, -1) + mask.unsqueeze(1)  # mask (1, 1, 1, N, C+N)
-        probs = torch.softmax(scores, dim=-1).view(1, hkv, g * n, -1)
-        y = torch.matmul(probs, values).view(1, hq, n, d)  # (1, H, N, D)
-        y = y.transpose(1, 2).reshape(1, n, hq * d)  # (1, N, H*D)
-        return F.linear(y, self.wo, self.bo), k, v
+        return F.linear(_grouped_attention(q, keys, values, mask), self.wo, self.bo), k, v
 
 
 class ChunkGraph(nn.Module):
     """Layers [start, end) of a Transformer as a static-shape chunk step."""
 
     def __init__(self, model: Transformer, start: int, end: int, windows: tuple[int | None, ...],
-                 all_logits: bool = False):
+                 all_logits: bool = False, fused: bool = False):
         super().__init__()
         cfg = model.config
         self.start, self.end, self.windows, self.all_logits = start, end, windows, all_logits
+        self.fused = fused  # full-attention layers through _FusedAttention (needs past slots)
+        self.mask_windows = tuple(w for w in windows if not (fused and w is None))
         self.first, self.last = start == 0, end == cfg.num_layers
         self.eps = cfg.rms_norm_eps
         self.layers = nn.ModuleList(_Layer(model.blocks[str(i)], cfg) for i in range(start, end))
@@ -140,8 +205,10 @@ class ChunkGraph(nn.Module):
         self.head = _plain(model.lm_head) if self.last else None  # (vocab, hidden)
 
     def forward(self, x, cos, sin, *rest):
-        masks = dict(zip(self.windows, rest[: len(self.windows)], strict=True))
-        rest = rest[len(self.windows):]
+        masks = dict(zip(self.mask_windows, rest[: len(self.mask_windows)], strict=True))
+        rest = rest[len(self.mask_windows):]
+        fused = rest[:2] if self.fused else None  # (seqlens_k, total_sequence_length)
+        rest = rest[2:] if self.fused else rest
         has_index = self.last and not self.all_logits
         last_index = rest[-1] if has_index else None
         past = rest[:-1] if has_index else rest
@@ -150,8 +217,8 @@ class ChunkGraph(nn.Module):
         h = self.embed[x] if self.first else x  # (1, N) -> (1, N, hidden)
         presents = []
         for j, layer in enumerate(self.layers):
-            a, k, v = layer.attention(_rms(h, layer.ln1, self.eps), cos, sin, masks[layer.window],
-                                      past[2 * j], past[2 * j + 1])
+            a, k, v = layer.attention(_rms(h, layer.ln1, self.eps), cos, sin, masks.get(layer.window),
+                                      past[2 * j], past[2 * j + 1], fused if layer.window is None else None)
             h = h + a
             h = h + layer.mlp(_rms(h, layer.ln2, self.eps))
             presents += [k, v]
@@ -163,7 +230,8 @@ class ChunkGraph(nn.Module):
 
 def input_names(spec: GraphSpec, layers: range) -> list[str]:
     names = ["input_ids" if spec.first else "hidden_in", "cos", "sin"]
-    names += [_mask_name(w) for w in spec.windows]
+    names += [_mask_name(w) for w in spec.mask_windows]
+    names += ["seqlens_k", "total_sequence_length"] if spec.fused else []
     for i in layers if spec.past else ():
         names += [f"past_k_{i}", f"past_v_{i}"]
     return names + (["last_index"] if spec.last and not spec.all_logits else [])
@@ -181,7 +249,9 @@ def example_inputs(model: Transformer, spec: GraphSpec) -> tuple[torch.Tensor, .
     n, c, d = spec.chunk, spec.past, cfg.head_dim
     x = torch.zeros(1, n, dtype=torch.long) if spec.first else torch.zeros(1, n, cfg.hidden_size)
     cos, sin = model.rotary.at(0, n)
-    masks = [torch.zeros(1, 1, n, c + n) for _ in spec.windows]
+    masks = [torch.zeros(1, 1, n, c + n) for _ in spec.mask_windows]
+    if spec.fused:  # as for the context's last chunk: every past slot written
+        masks += [torch.tensor([c + n - 1], dtype=torch.int32), torch.tensor(c + n, dtype=torch.int32)]
     past = [torch.zeros(1, cfg.num_key_value_heads, c, d) for _ in range(2 * (spec.end - spec.start) if c else 0)]
     tail = [torch.tensor([n - 1])] if spec.last and not spec.all_logits else []
     return (x, cos.float(), sin.float(), *masks, *past, *tail)
@@ -199,9 +269,29 @@ def check_static(path: str | Path) -> None:
             raise ValueError(f"{path}: {vi.name} has a dynamic dimension ({[str(d).strip() for d in dims]})")
 
 
+def _with_fused_shapes(m: onnx.ModelProto, chunk: int, head_dim: int) -> onnx.ModelProto:
+    """ONNX shape inference knows no com.microsoft op, so the exporter leaves every tensor after a
+    GroupQueryAttention with symbolic dims. Its output is (1, N, heads * D), its query's shape: state that, and
+    infer the rest again (graph outputs included) so that the graph's shapes stay static."""
+    g = m.graph
+    fused = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    if not fused:
+        return m
+    keep = [vi for vi in g.value_info if all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    for n in fused:
+        heads = next(a.i for a in n.attribute if a.name == "num_heads")
+        g.value_info.append(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT,
+                                                               [1, chunk, heads * head_dim]))
+    for o in g.output:
+        o.type.tensor_type.ClearField("shape")
+    return onnx.shape_inference.infer_shapes(m)
+
+
 def export_group(model: Transformer, spec: GraphSpec) -> None:
     layers = range(spec.start, spec.end)
-    module = ChunkGraph(model, spec.start, spec.end, spec.windows, spec.all_logits).eval()
+    module = ChunkGraph(model, spec.start, spec.end, spec.windows, spec.all_logits, spec.fused).eval()
     # Over 2 GB the exporter writes one file per tensor; export into a scratch folder, then
     # gather the weights into one .data file beside the graph (Qwen2-0.5B with its embedding is 2.5 GB).
     with tempfile.TemporaryDirectory(dir=Path(spec.path).parent) as tmp:
@@ -210,8 +300,9 @@ def export_group(model: Transformer, spec: GraphSpec) -> None:
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example_inputs(model, spec), raw, dynamo=False, opset_version=OPSET,
                               input_names=input_names(spec, layers), output_names=output_names(spec, layers),
-                              do_constant_folding=True)
-        onnx.save_model(onnx.load(raw), spec.path, save_as_external_data=True, all_tensors_to_one_file=True,
+                              do_constant_folding=True,
+                              custom_opsets={"com.microsoft": 1} if spec.fused else None)
+        onnx.save_model(_with_fused_shapes(onnx.load(raw), spec.chunk, model.config.head_dim), spec.path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=Path(spec.path).name + ".data", size_threshold=1024)
     check_static(spec.path)
 
@@ -223,21 +314,26 @@ def split_layers(num_layers: int, groups: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def export_provenance(weights: str | None, chunk: int, context: int, groups: int, all_logits: bool = False) -> dict:
+def export_provenance(weights: str | None, chunk: int, context: int, groups: int, all_logits: bool = False,
+                      fused: bool = True) -> dict:
     """What graphs exported with these arguments are built from, as graphs.json records it.
 
     weights: weights_digest of the model's directory, None when unknown (such graphs are never reused for a
     model whose digest is known). groups is the count asked for (split_layers may make fewer).
     """
     return {"format": EXPORT_FORMAT, "weights": weights,
-            "export": {"chunk": chunk, "context": context, "groups": groups, "all_logits": all_logits}}
+            "export": {"chunk": chunk, "context": context, "groups": groups, "all_logits": all_logits,
+                       "fused_attention": fused}}
 
 
 def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, context: int,
-                        groups: int = 1, all_logits: bool = False, weights: str | None = None) -> list[GraphSpec]:
+                        groups: int = 1, all_logits: bool = False, weights: str | None = None,
+                        fused: bool = True) -> list[GraphSpec]:
     """Export the model as `groups` layer-block subgraphs at chunk size `chunk`, for prompts up to `context` tokens.
 
     all_logits: the last group returns every row's logits (for evaluation) instead of one row's.
+    fused: full-attention layers attend through ONNX Runtime's GroupQueryAttention (when there are past slots);
+    False keeps standard ONNX ops only (MatMul, Softmax and an additive mask), for EPs that must take every node.
     weights: the model directory's weights_digest, recorded in graphs.json (None: unknown).
     """
     if chunk not in CHUNK_SIZES:
@@ -258,10 +354,11 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
         tag = "_all" if all_logits else ""
         # The name carries the past slots: graphs (and their int8 copies) of other layouts never match it.
         spec = GraphSpec(str(out / f"chunk{chunk}_ctx{context}_past{context - chunk}_L{a}-{b}{tag}.onnx"), a, b,
-                         chunk, context, context - chunk, a == 0, b == cfg.num_layers, windows, all_logits)
+                         chunk, context, context - chunk, a == 0, b == cfg.num_layers, windows, all_logits,
+                         fused and context > chunk and None in windows)
         export_group(model, spec)
         specs.append(spec)
-    write_graphs_json(out, {"provenance": export_provenance(weights, chunk, context, groups, all_logits),
+    write_graphs_json(out, {"provenance": export_provenance(weights, chunk, context, groups, all_logits, fused),
                             "graphs": [asdict(s) for s in specs], "int8": {}})
     return specs
 

@@ -32,6 +32,16 @@ class PrefillOptions:
     # channels of the same GEMM, down's weights' rounding residual too: >= 99% top-1 on SmolLM2-135M at ~1.2x
     # torch float (issue 16)
     fine: bool = False
+    # full-attention layers through ONNX Runtime's GroupQueryAttention (a CPU/CUDA contrib op that reads only the
+    # written past slots); False: standard ONNX ops only (MatMul, Softmax, an additive mask over every slot), for
+    # an execution provider that must take every node (--strict on an accelerator)
+    fused_attention: bool = True
+
+    @property
+    def fused(self) -> bool:
+        """Whether the graphs take GroupQueryAttention: the op runs on the CPU EP, so a strict session on an
+        accelerator (no CPU fall-back) gets plain attention, which its compiler can take."""
+        return self.fused_attention and not (self.strict and self.provider != "cpu")
 
     @property
     def int8_mode(self) -> str | None:

@@ -100,8 +100,11 @@ class ChunkedPrefill:
         cos, sin = self.model.rotary.at(pos0, n)
         feeds = {"input_ids": ids, "cos": cos.float().numpy(), "sin": sin.float().numpy(),
                  "last_index": np.array([len(real) - 1], np.int64)}
-        for w in self.specs[0].windows:
+        for w in self.specs[0].mask_windows:
             feeds[_mask_name(w)] = chunk_mask(pos0, n, self.past, w)
+        if self.specs[0].fused:  # GroupQueryAttention reads the past slots [0, pos0) and the chunk's n rows
+            feeds["seqlens_k"] = np.array([pos0 + n - 1], np.int32)
+            feeds["total_sequence_length"] = np.array(pos0 + n, np.int32)
         return feeds
 
     def run_cell(self, g: int, shared: dict[str, np.ndarray], x: np.ndarray | None, kv: HostKV,

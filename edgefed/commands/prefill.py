@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
                    "second pass on an 11x finer grid as more input channels of the same GEMM, and down's weights' "
                    "rounding residual too: >= 99%% top-1 agreement on SmolLM2-135M at ~0.8x --token2's speed")
     p.add_argument("--graph-dir", help="keep exported graphs here and reuse them")
+    p.add_argument("--plain-attention", action="store_true", help="attention as standard ONNX ops (MatMul, "
+                   "Softmax, a mask over every past slot) instead of ONNX Runtime's GroupQueryAttention, which reads "
+                   "only the written slots: for a provider that must run every node (--strict)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer.json)")
     src.add_argument("--prompt-file", help="file whose text is the prompt")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         opts = PrefillOptions(args.chunk, args.context or round_up(len(prompt), args.chunk), args.groups,
                               args.provider, args.strict, args.int8, args.shadow, args.out_of_order,
                               args.threads, args.graph_dir, block=args.block, token=args.token,
-                              token2=args.token2, fine=args.fine)
+                              token2=args.token2, fine=args.fine, fused_attention=not args.plain_attention)
     out = measure_prefill(model, args.model, prompt, opts, calibration_texts() if args.int8 else ())
     out["peak_rss_mb"] = round(own_peak_rss_mb(), 1)
     emit(out, args.json, text_key="")

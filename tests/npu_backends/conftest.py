@@ -23,10 +23,12 @@ def llama(llama_dir):
 
 @pytest.fixture(scope="session")
 def graphs(llama, tmp_path_factory):
-    """One whole-model graph and the same model as two layer-group subgraphs."""
+    """One whole-model graph, the same model as two layer-group subgraphs (both with ONNX Runtime's
+    GroupQueryAttention), and one whole-model graph with plain masked attention."""
     root = tmp_path_factory.mktemp("graphs")
     return {1: export_chunk_graphs(llama, root / "g1", CHUNK, CONTEXT, groups=1),
-            2: export_chunk_graphs(llama, root / "g2", CHUNK, CONTEXT, groups=2)}
+            2: export_chunk_graphs(llama, root / "g2", CHUNK, CONTEXT, groups=2),
+            "plain": export_chunk_graphs(llama, root / "gp", CHUNK, CONTEXT, fused=False)}
 
 
 def prompt_of(n: int, seed: int = 0, vocab: int = 256) -> list[int]:

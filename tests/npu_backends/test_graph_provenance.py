@@ -137,8 +137,25 @@ def test_a_graph_dir_without_provenance_is_refused_by_open_and_rebuilt_by_build(
     build_prefill(model_a, a, opts(graphs))
     assert all(rewritten(graphs, "*.onnx"))
     assert load_provenance(graphs) == {"format": EXPORT_FORMAT, "weights": weights_digest(a),
-                                       "export": {"chunk": 32, "context": 64, "groups": 1, "all_logits": False}}
+                                       "export": {"chunk": 32, "context": 64, "groups": 1, "all_logits": False,
+                                                  "fused_attention": True}}
     open_prefill_dir(model_a, opts(graphs), weights_digest(a))
+
+
+def test_plain_attention_is_its_own_export(two, tmp_path):
+    """--plain-attention graphs are rebuilt for a fused run and back; fused graphs are refused where the CPU
+    fall-back their GroupQueryAttention needs is forbidden, with the command that exports plain ones."""
+    a, model_a = two["a"]
+    graphs = tmp_path / "g"
+    fused = build_prefill(model_a, a, opts(graphs))
+    assert fused.specs[0].fused and load_provenance(graphs)["export"]["fused_attention"]
+    with pytest.raises(GraphDirError, match="GroupQueryAttention.*--plain-attention`"):
+        open_prefill_dir(model_a, opts(graphs, provider="qnn", strict=True), weights_digest(a))
+    age(graphs)
+    plain = build_prefill(model_a, a, opts(graphs, fused_attention=False))
+    assert all(rewritten(graphs, "*.onnx")) and not plain.specs[0].fused
+    assert not load_provenance(graphs)["export"]["fused_attention"]
+    np.testing.assert_allclose(logits(plain), logits(fused), atol=1e-4)
 
 
 def test_graphs_of_another_export_format_are_refused_and_rebuilt(two, tmp_path):

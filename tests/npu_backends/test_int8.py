@@ -49,9 +49,11 @@ def test_shadow_adds_back_exactly_what_the_clip_cut_in_float(llama, graphs, cali
     assert err_shadow < err_clip
 
 
-@pytest.mark.parametrize("mode", ["minmax", "shadow"])
-def test_quantized_graph_has_int8_linear_layers_and_float_attention_and_head(graphs, calibration, tmp_path, mode):
-    spec = build_int8(graphs[1], calibration, tmp_path, mode)[0]
+@pytest.mark.parametrize("mode,layout", [("minmax", 1), ("shadow", 1), ("minmax", "plain")])
+def test_quantized_graph_has_int8_linear_layers_and_float_attention_and_head(llama, graphs, calibration, tmp_path,
+                                                                            mode, layout):
+    feeds = calibration if layout == 1 else record_calibration(llama, graphs[layout], [prompt_of(96, seed=100)])
+    spec = build_int8(graphs[layout], feeds, tmp_path, mode)[0]
     g = onnx.load(spec.path, load_external_data=False).graph
     dq_outputs = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
     matmuls = [n for n in g.node if n.op_type == "MatMul" and not n.name.endswith("/ShadowMatMul")]
@@ -59,12 +61,14 @@ def test_quantized_graph_has_int8_linear_layers_and_float_attention_and_head(gra
     assert len(quantized) == 4 * 5  # qkv, o, gate, up, down per layer
     rotations = [n for n in matmuls if n.name.endswith(ROTATE_SUFFIX)]
     assert len(rotations) == 4 and not {n.name for n in rotations} & {n.name for n in quantized}  # float
-    assert len(matmuls) - len(quantized) == 2 * 4 + 4 + 1  # q.k and p.v, the rotations, the head
+    # the rotations, the head, and q.k and p.v per layer unless GroupQueryAttention fuses them
+    assert len(matmuls) - len(quantized) == 4 + 1 + (0 if spec.fused else 2 * 4)
     head = next(n for n in g.node if n.output[0] == "logits")
     inits = {i.name for i in g.initializer}
     assert head.op_type == "MatMul" and head.input[1] in inits and head.input[0] not in dq_outputs
     assert not any(n.name.startswith(head.name + "/") for n in g.node)  # no clip or shadow on the head either
-    assert any(n.op_type == "Softmax" and n.input[0] not in dq_outputs for n in g.node)
+    attention = [n for n in g.node if n.op_type == ("GroupQueryAttention" if spec.fused else "Softmax")]
+    assert len(attention) == 4 and not any(i in dq_outputs for n in attention for i in n.input)  # float
 
 
 @pytest.mark.slow

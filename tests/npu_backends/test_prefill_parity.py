@@ -34,7 +34,7 @@ def assert_parity(model, result, prompt):
 # 64: chunks divide the prompt; 77: the last chunk is padded; 5: shorter than one chunk; 1: a single token;
 # 128: the whole context, so the last chunk reads every one of the C = 96 past slots
 @pytest.mark.parametrize("length", [64, 77, 5, 1, 128])
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, "plain"])
 def test_chunked_prefill_equals_torch_prefill(llama, graphs, length, groups):
     prompt = prompt_of(length, seed=length)
     result = ChunkedPrefill(llama, graphs[groups]).run(prompt)
@@ -61,13 +61,18 @@ def test_a_one_chunk_context_has_no_past_inputs_and_still_matches_torch(llama, t
         prefill.run(prompt_of(33))
 
 
-@pytest.mark.parametrize("arch,overrides", [("qwen2", {}), ("mistral", {"sliding_window": 20})])
+# qwen2 with max_window_layers 2: full-attention layers (GroupQueryAttention) and windowed ones (a mask) in one graph
+@pytest.mark.parametrize("arch,overrides", [
+    ("qwen2", {}), ("mistral", {"sliding_window": 20}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 20, "max_window_layers": 2})])
 def test_parity_with_biases_and_sliding_window(tmp_path, arch, overrides):
     make_checkpoint(tmp_path / "ck", arch=arch, **overrides)
     model = load_model(tmp_path / "ck")
     specs = export_chunk_graphs(model, tmp_path / "g", 32, 96)
-    prompt = prompt_of(90, seed=3)
-    assert_parity(model, ChunkedPrefill(model, specs).run(prompt), prompt)
+    assert specs[0].fused == (None in specs[0].windows)
+    for seed, length in ((3, 90), (4, 96), (5, 33)):
+        prompt = prompt_of(length, seed=seed)
+        assert_parity(model, ChunkedPrefill(model, specs).run(prompt), prompt)
 
 
 def test_greedy_decode_after_ort_prefill_equals_pure_torch(llama, graphs):

@@ -302,7 +302,8 @@ def export_group(model: Transformer, spec: GraphSpec) -> None:
                               input_names=input_names(spec, layers), output_names=output_names(spec, layers),
                               do_constant_folding=True,
                               custom_opsets={"com.microsoft": 1} if spec.fused else None)
-        onnx.save_model(_with_fused_shapes(onnx.load(raw), spec.chunk, model.config.head_dim), spec.path, save_as_external_data=True, all_tensors_to_one_file=True,
+        graph = _with_fused_shapes(onnx.load(raw), spec.chunk, model.config.head_dim)
+        onnx.save_model(graph, spec.path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=Path(spec.path).name + ".data", size_threshold=1024)
     check_static(spec.path)
 

@@ -44,6 +44,7 @@ from npu_backends.quantize import ROLES, ROTATE_BLOCK, SMOOTH_ALPHA, build_int8,
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "edgefed-demo"
 SMOLLM2_DIR = Path.home() / ".cache" / "edgefed" / "models" / "SmolLM2-135M-Instruct"
+SETTLE_S = 0.2  # idle time before every timed run (see interleaved)
 EVAL_VOCAB = 65536  # agreement is evaluated up to this vocabulary (the head runs on the host, 128 rows at a time)
 
 
@@ -108,13 +109,18 @@ def ort_runner(prefill: ChunkedPrefill, prompt: list[int]):
 
 
 def interleaved(runners: dict, repeats: int) -> dict[str, tuple[list[float], np.ndarray]]:
-    """Each variant once per round, rounds repeated: on a shared machine every variant sees the same load."""
+    """Each variant once per round, rounds repeated: on a shared machine every variant sees the same load.
+
+    Every run starts after a pause of SETTLE_S: ONNX Runtime's intra-op workers spin for ~45 ms after a run
+    (a process's CPU time while it sleeps), and a variant started at once shares a core with them (torch
+    measured ~3.5% slower right after an ORT run than after one whose workers do not spin)."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     logits = {}
     for k, run in runners.items():  # warm-up round
         _, logits[k] = run()
     for _ in range(repeats):
         for k, run in runners.items():
+            time.sleep(SETTLE_S)
             t, _ = run()
             times[k].append(t)
     return {k: (times[k], logits[k]) for k in runners}

@@ -6,7 +6,7 @@ NPU compilers (QNN HTP, OpenVINO NPU, CoreML) require:
     input_ids (1, N) int64          first layer group only (else hidden (1, N, hidden) float)
     cos, sin (N, D) float           RoPE rows for the chunk's positions, computed on the host
     mask (1, 1, N, C + N) float     additive; keys are C past slots then the chunk's own N
-    past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group; absent when C = 0
+    past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group (T slots in a fused layer); absent when C = 0
     seqlens_k (1,) int32, total_sequence_length () int32   fused graphs: pos0 + N - 1 and pos0 + N
     last_index (1,) int64           last layer group only: the row whose logits are wanted
 
@@ -74,6 +74,12 @@ class GraphSpec:
     # full-attention layers run ONNX Runtime's GroupQueryAttention over the written past slots only (no "mask"
     # input; seqlens_k and total_sequence_length instead). False: every layer attends through an additive mask.
     fused: bool = False
+
+    def past_slots(self, window: int | None) -> int:
+        """Past K/V slots a layer of this window reads. A fused (full-attention) layer takes the host's whole
+        T-slot cache: the op reads only the written slots, so more cost nothing, and the host passes its
+        buffer as it is instead of copying its first C slots out of it."""
+        return self.context if self.fused and window is None else self.past
 
     @property
     def mask_windows(self) -> tuple[int | None, ...]:
@@ -252,7 +258,8 @@ def example_inputs(model: Transformer, spec: GraphSpec) -> tuple[torch.Tensor, .
     masks = [torch.zeros(1, 1, n, c + n) for _ in spec.mask_windows]
     if spec.fused:  # as for the context's last chunk: every past slot written
         masks += [torch.tensor([c + n - 1], dtype=torch.int32), torch.tensor(c + n, dtype=torch.int32)]
-    past = [torch.zeros(1, cfg.num_key_value_heads, c, d) for _ in range(2 * (spec.end - spec.start) if c else 0)]
+    past = [torch.zeros(1, cfg.num_key_value_heads, spec.past_slots(cfg.window_for_layer(i)), d)
+            for i in range(spec.start, spec.end) if c for _ in "kv"]
     tail = [torch.tensor([n - 1])] if spec.last and not spec.all_logits else []
     return (x, cos.float(), sin.float(), *masks, *past, *tail)
 

@@ -4,8 +4,8 @@ The prompt is cut into chunks of the graph's fixed N; the last one is padded (so
 prompt shorter than a chunk works) and its logits are read at the last real token.
 Padding rows attend causally like real ones, so no row is fully masked (no NaN), and
 their K/V are never written to the cache. The cache lives on the host as numpy arrays
-of the graphs' whole context T (its first C = T - N slots are what a chunk reads as its
-past) and is copied into an edge_node KVCache for decoding.
+of the graphs' whole context T and is copied into an edge_node KVCache for decoding. A fused
+layer (GroupQueryAttention) reads that buffer as it is, a masked one its first C = T - N slots.
 """
 
 from __future__ import annotations
@@ -115,9 +115,11 @@ class ChunkedPrefill:
         if not spec.first:
             feeds["hidden_in"] = x
         for i in range(spec.start, spec.end) if spec.past else ():
-            # (1, Hkv, C, D): the first C of the host's T slots, made contiguous for ONNX Runtime
-            feeds[f"past_k_{i}"] = np.ascontiguousarray(kv.k[i][:, :, : spec.past])
-            feeds[f"past_v_{i}"] = np.ascontiguousarray(kv.v[i][:, :, : spec.past])
+            # (1, Hkv, slots, D): a fused layer's whole T-slot buffer as it is, else its first C slots made
+            # contiguous for ONNX Runtime (a copy)
+            slots = spec.past_slots(self.model.config.window_for_layer(i))
+            feeds[f"past_k_{i}"] = np.ascontiguousarray(kv.k[i][:, :, :slots])
+            feeds[f"past_v_{i}"] = np.ascontiguousarray(kv.v[i][:, :, :slots])
         outs = sess.run(None, feeds)
         for j, i in enumerate(range(spec.start, spec.end)):
             kv.k[i][:, :, pos0 : pos0 + n_real] = outs[1 + 2 * j][:, :, :n_real]  # (1, Hkv, n_real, D)

@@ -29,8 +29,8 @@ class PrefillOptions:
     # (ONNX Runtime's MatMulIntegerToFloat): ~98.4% top-1 on SmolLM2-135M at ~0.85x token's speed (issue 16)
     token2: bool = False
     # with int8: every linear's input quantized twice, the second pass on an 11x finer grid as more input
-    # channels of the same GEMM, down's weights' rounding residual too: >= 99% top-1 on SmolLM2-135M at ~1.2x
-    # torch float (issue 16)
+    # channels of the same GEMM, down's weights' rounding residual too: >= 99% top-1 on SmolLM2-135M at ~1.33x
+    # torch float with fused attention (issue 16)
     fine: bool = False
     # full-attention layers through ONNX Runtime's GroupQueryAttention (a CPU/CUDA contrib op that reads only the
     # written past slots); False: standard ONNX ops only (MatMul, Softmax, an additive mask over every slot), for

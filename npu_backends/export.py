@@ -47,6 +47,7 @@ from torch import nn
 from edge_node.model import Transformer, layout
 from edge_node.model.errors import UsageError
 from edge_node.model.formats import weights_digest  # noqa: F401  (re-exported for callers of export)
+from edge_node.model.model import visible
 from edge_node.model.rope import apply_rotary
 
 CHUNK_SIZES = (32, 64, 128, 256)
@@ -97,9 +98,10 @@ class _FusedAttention(torch.autograd.Function):
 
     The op reads the past only up to its written length (seqlens_k) instead of every slot under a mask, and
     fuses the scale, softmax and both products: a chunk no longer pays for the slots it cannot see. Inputs:
-    q (1, N, H*D) and k, v (1, N, Hkv*D) after RoPE, past K/V (1, Hkv, C, D) with slots [0, pos0) written,
-    seqlens_k (1,) int32 = pos0 + N - 1, total_sequence_length () int32 = pos0 + N. An accelerator EP leaves the
-    node to the CPU, as mllm-NPU keeps attention there; `plain_attention` exports the masked ops instead.
+    q (1, N, H*D) and k, v (1, N, Hkv*D) after RoPE, past K/V (1, Hkv, slots, D) with slots [0, pos0) written,
+    seqlens_k (1,) int32 = pos0 + N - 1, total_sequence_length () int32 = pos0 + N. The op's present K/V outputs
+    go unused (the layer returns the chunk's own k, v). An accelerator EP leaves the node to the CPU, as mllm-NPU
+    keeps attention there; export with fused=False for the masked standard ops instead.
     """
 
     @staticmethod
@@ -115,15 +117,15 @@ class _FusedAttention(torch.autograd.Function):
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads):
         out, _, _ = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total,
                          num_heads_i=heads, kv_num_heads_i=kv_heads, outputs=3)
-        out.setType(q.type())
+        out.setType(q.type())  # the exporter's own inference goes on through it; ONNX's does not (_with_fused_shapes)
         return out
 
 
 def _written_causal(pos0: int, n: int, past: int) -> torch.Tensor:
-    """(N, C+N) bool: query pos0 + i sees past slot j iff j < pos0, and its own rows causally."""
+    """(N, slots+N) bool: query pos0 + i sees past slot j iff j < pos0, and its own rows causally."""
     q = torch.arange(pos0, pos0 + n)[:, None]
     keys = torch.cat([torch.arange(past), torch.arange(pos0, pos0 + n)])[None, :]
-    return (keys <= q) & torch.cat([torch.arange(past) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
+    return visible(q, keys, None) & torch.cat([torch.arange(past) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
 
 
 def _grouped_attention(q, keys, values, mask):
@@ -196,13 +198,12 @@ class _Layer(nn.Module):
 class ChunkGraph(nn.Module):
     """Layers [start, end) of a Transformer as a static-shape chunk step."""
 
-    def __init__(self, model: Transformer, start: int, end: int, windows: tuple[int | None, ...],
-                 all_logits: bool = False, fused: bool = False):
+    def __init__(self, model: Transformer, spec: GraphSpec):
         super().__init__()
         cfg = model.config
-        self.start, self.end, self.windows, self.all_logits = start, end, windows, all_logits
-        self.fused = fused  # full-attention layers through _FusedAttention (needs past slots)
-        self.mask_windows = tuple(w for w in windows if not (fused and w is None))
+        start, end = spec.start, spec.end
+        self.all_logits, self.mask_windows = spec.all_logits, spec.mask_windows
+        self.fused = spec.fused  # full-attention layers through _FusedAttention
         self.first, self.last = start == 0, end == cfg.num_layers
         self.eps = cfg.rms_norm_eps
         self.layers = nn.ModuleList(_Layer(model.blocks[str(i)], cfg) for i in range(start, end))
@@ -298,7 +299,7 @@ def _with_fused_shapes(m: onnx.ModelProto, chunk: int, head_dim: int) -> onnx.Mo
 
 def export_group(model: Transformer, spec: GraphSpec) -> None:
     layers = range(spec.start, spec.end)
-    module = ChunkGraph(model, spec.start, spec.end, spec.windows, spec.all_logits, spec.fused).eval()
+    module = ChunkGraph(model, spec).eval()
     # Over 2 GB the exporter writes one file per tensor; export into a scratch folder, then
     # gather the weights into one .data file beside the graph (Qwen2-0.5B with its embedding is 2.5 GB).
     with tempfile.TemporaryDirectory(dir=Path(spec.path).parent) as tmp:

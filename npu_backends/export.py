@@ -16,7 +16,9 @@ past slots would only ever be masked, yet every chunk would pay attention over t
 
 Outputs: hidden (1, N, hidden) or, for the last group, logits (1, 1, vocab); and
 present_k_{i}, present_v_{i} (1, Hkv, N, D), the chunk's own K/V, which the host writes
-into its cache. Layer groups [a, b) give the per-block subgraphs the scheduler runs.
+into its cache (in a fused layer (1, Hkv, T, D): the past buffer with those rows written at pos0, which
+the host binds to its own cache so that they are written in place). Layer groups [a, b) give the
+per-block subgraphs the scheduler runs.
 Attention stays float, so quantization leaves it alone. In fused graphs (the default when there are past
 slots) full-attention layers run ONNX Runtime's GroupQueryAttention, which reads only the pos0 written past
 slots and needs no "mask" input; a chunk attending through the mask pays for all C slots, written or not
@@ -54,7 +56,7 @@ CHUNK_SIZES = (32, 64, 128, 256)
 OPSET = 17
 # Version of the exported graphs and graphs.json: bump it whenever a change here (inputs, outputs, the math of a
 # layer) makes graphs exported earlier wrong for this code, so that they are rebuilt rather than reused.
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 GRAPHS_JSON = "graphs.json"
 
 
@@ -99,26 +101,34 @@ class _FusedAttention(torch.autograd.Function):
     The op reads the past only up to its written length (seqlens_k) instead of every slot under a mask, and
     fuses the scale, softmax and both products: a chunk no longer pays for the slots it cannot see. Inputs:
     q (1, N, H*D) and k, v (1, N, Hkv*D) after RoPE, past K/V (1, Hkv, slots, D) with slots [0, pos0) written,
-    seqlens_k (1,) int32 = pos0 + N - 1, total_sequence_length () int32 = pos0 + N. The op's present K/V outputs
-    go unused (the layer returns the chunk's own k, v). An accelerator EP leaves the node to the CPU, as mllm-NPU
-    keeps attention there; export with fused=False for the masked standard ops instead.
+    seqlens_k (1,) int32 = pos0 + N - 1, total_sequence_length () int32 = pos0 + N. Outputs: the attention
+    (1, N, H*D) and the present K/V, the past buffer with the chunk's rows written at [pos0, pos0 + N). When the
+    host binds a layer's past and present to one buffer (prefill.py), the op writes those rows in place and
+    copies nothing else. An accelerator EP leaves the node to the CPU, as mllm-NPU keeps attention there;
+    export with fused=False for the masked standard ops instead.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, heads: int, kv_heads: int):
         n, d = q.shape[1], past_k.shape[-1]
         pos0 = int(total) - n
-        mask = torch.where(_written_causal(pos0, n, past_k.shape[2]), 0.0, -1e9)  # (N, C+N)
-        k = torch.cat([past_k, k.view(1, n, kv_heads, d).transpose(1, 2)], dim=2)
-        v = torch.cat([past_v, v.view(1, n, kv_heads, d).transpose(1, 2)], dim=2)
-        return _grouped_attention(q.view(1, n, heads, d).transpose(1, 2), k, v, mask[None, None])
+        mask = torch.where(_written_causal(pos0, n, past_k.shape[2]), 0.0, -1e9)  # (N, slots+N)
+        k, v = (t.view(1, n, kv_heads, d).transpose(1, 2) for t in (k, v))
+        y = _grouped_attention(q.view(1, n, heads, d).transpose(1, 2), torch.cat([past_k, k], dim=2),
+                               torch.cat([past_v, v], dim=2), mask[None, None])
+        present_k, present_v = past_k.clone(), past_v.clone()
+        present_k[:, :, pos0:pos0 + n], present_v[:, :, pos0:pos0 + n] = k, v
+        return y, present_k, present_v
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads):
-        out, _, _ = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total,
-                         num_heads_i=heads, kv_num_heads_i=kv_heads, outputs=3)
-        out.setType(q.type())  # the exporter's own inference goes on through it; ONNX's does not (_with_fused_shapes)
-        return out
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k,
+                                         total, num_heads_i=heads, kv_num_heads_i=kv_heads, outputs=3)
+        # the exporter's own shape inference goes on through these; ONNX's does not (_with_fused_shapes)
+        out.setType(q.type())
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return out, present_k, present_v
 
 
 def _written_causal(pos0: int, n: int, past: int) -> torch.Tensor:
@@ -183,9 +193,8 @@ class _Layer(nn.Module):
             # RoPE in the (1, N, heads, D) layout the op takes: no transposes around it.
             q = apply_rotary(q.view(1, n, hq, d), cos[:, None], sin[:, None]).reshape(1, n, hq * d)
             k = apply_rotary(k.view(1, n, hkv, d), cos[:, None], sin[:, None]).reshape(1, n, hkv * d)
-            y = _FusedAttention.apply(q, k, v, past_k, past_v, *fused, hq, hkv)
-            k, v = (t.view(1, n, hkv, d).transpose(1, 2) for t in (k, v))  # (1, Hkv, N, D) for the host
-            return F.linear(y, self.wo, self.bo), k, v
+            y, present_k, present_v = _FusedAttention.apply(q, k, v, past_k, past_v, *fused, hq, hkv)
+            return F.linear(y, self.wo, self.bo), present_k, present_v  # presents: the whole (1, Hkv, T, D)
         q = q.view(1, n, hq, d).transpose(1, 2)  # (1, H, N, D)
         k = k.view(1, n, hkv, d).transpose(1, 2)  # (1, Hkv, N, D)
         v = v.view(1, n, hkv, d).transpose(1, 2)
@@ -279,8 +288,9 @@ def check_static(path: str | Path) -> None:
 
 def _with_fused_shapes(m: onnx.ModelProto, chunk: int, head_dim: int) -> onnx.ModelProto:
     """ONNX shape inference knows no com.microsoft op, so the exporter leaves every tensor after a
-    GroupQueryAttention with symbolic dims. Its output is (1, N, heads * D), its query's shape: state that, and
-    infer the rest again (graph outputs included) so that the graph's shapes stay static."""
+    GroupQueryAttention with symbolic dims. Its output is (1, N, heads * D), its query's shape, and its presents
+    have their past's: state that, and infer the rest again (graph outputs included) so that the graph's shapes
+    stay static."""
     g = m.graph
     fused = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     if not fused:
@@ -288,12 +298,21 @@ def _with_fused_shapes(m: onnx.ModelProto, chunk: int, head_dim: int) -> onnx.Mo
     keep = [vi for vi in g.value_info if all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)]
     del g.value_info[:]
     g.value_info.extend(keep)
+    inputs = {vi.name: vi for vi in g.input}
+    known = {}
     for n in fused:
         heads = next(a.i for a in n.attribute if a.name == "num_heads")
-        g.value_info.append(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT,
-                                                               [1, chunk, heads * head_dim]))
+        known[n.output[0]] = onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT,
+                                                                [1, chunk, heads * head_dim]).type
+        for present, past in zip(n.output[1:], n.input[3:5], strict=True):  # presents: their past's shape
+            known[present] = inputs[past].type
     for o in g.output:
-        o.type.tensor_type.ClearField("shape")
+        if o.name in known:  # a present straight out of the op
+            o.type.CopyFrom(known.pop(o.name))
+        else:
+            o.type.tensor_type.ClearField("shape")
+    for name, t in known.items():
+        g.value_info.append(onnx.ValueInfoProto(name=name, type=t))
     return onnx.shape_inference.infer_shapes(m)
 
 

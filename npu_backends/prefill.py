@@ -78,6 +78,8 @@ class ChunkedPrefill:
                                                           for s in self.specs]
         self.provider = used_provider(self.sessions[0])
         self.inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
+        self.outputs = [[o.name for o in s.get_outputs()] if hasattr(s, "get_outputs") else None
+                        for s in self.sessions]
         self.scheduler: Callable | None = None  # e.g. schedule.OutOfOrder; None runs cells in order
 
     @classmethod
@@ -114,16 +116,27 @@ class ChunkedPrefill:
         feeds = {k: v for k, v in shared.items() if k in self.inputs[g]}
         if not spec.first:
             feeds["hidden_in"] = x
-        for i in range(spec.start, spec.end) if spec.past else ():
-            # (1, Hkv, slots, D): a fused layer's whole T-slot buffer as it is, else its first C slots made
-            # contiguous for ONNX Runtime (a copy)
-            slots = spec.past_slots(self.model.config.window_for_layer(i))
+        layers = range(spec.start, spec.end)
+        # fused layers' presents are the whole (1, Hkv, T, D) cache with the chunk written at pos0; the others'
+        # are the chunk's own rows (1, Hkv, N, D)
+        whole = {i for i in layers if spec.past and spec.past_slots(self.model.config.window_for_layer(i))
+                 == self.context}
+        for i in layers if spec.past else ():
+            # (1, Hkv, slots, D): a fused layer's T-slot buffer as it is, else its first C slots made contiguous
+            # for ONNX Runtime (a copy)
+            slots = self.context if i in whole else spec.past
             feeds[f"past_k_{i}"] = np.ascontiguousarray(kv.k[i][:, :, :slots])
             feeds[f"past_v_{i}"] = np.ascontiguousarray(kv.v[i][:, :, :slots])
-        outs = sess.run(None, feeds)
-        for j, i in enumerate(range(spec.start, spec.end)):
-            kv.k[i][:, :, pos0 : pos0 + n_real] = outs[1 + 2 * j][:, :, :n_real]  # (1, Hkv, n_real, D)
-            kv.v[i][:, :, pos0 : pos0 + n_real] = outs[2 + 2 * j][:, :, :n_real]
+        if whole and hasattr(sess, "io_binding"):
+            outs = _run_in_place(sess, self.outputs[g], feeds, whole, kv)
+        else:  # a wrapper (calibration, evaluation probes): plain run
+            outs = sess.run(None, feeds)
+        for j, i in enumerate(layers):
+            if outs[1 + 2 * j] is None:  # written in place
+                continue
+            rows = slice(pos0, pos0 + n_real) if i in whole else slice(0, n_real)
+            kv.k[i][:, :, pos0 : pos0 + n_real] = outs[1 + 2 * j][:, :, rows]  # (1, Hkv, n_real, D)
+            kv.v[i][:, :, pos0 : pos0 + n_real] = outs[2 + 2 * j][:, :, rows]
         return outs[0]
 
     def new_kv(self) -> HostKV:
@@ -165,6 +178,30 @@ class ChunkedPrefill:
             logits.append(out)
             times.append((time.perf_counter() - t) * 1e3)
         return logits, times
+
+
+def _run_in_place(sess, outputs: list[str], feeds: dict[str, np.ndarray], whole: set[int],
+                  kv: HostKV) -> list[np.ndarray | None]:
+    """Run with each fused layer's past and present bound to its host buffer (1, Hkv, T, D): ONNX Runtime's
+    GroupQueryAttention then writes the chunk's K/V rows into the cache in place (the padding rows too, past the
+    prompt, where nothing reads them) and copies nothing else. Returns the outputs in graph order, None for
+    those written in place."""
+    io = sess.io_binding()
+    bound = {}
+    for i in whole:
+        for kind, buf in (("k", kv.k[i]), ("v", kv.v[i])):
+            bound[f"past_{kind}_{i}"] = bound[f"present_{kind}_{i}"] = buf
+            io.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            io.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+    for name, value in feeds.items():
+        if name not in bound:
+            io.bind_cpu_input(name, value)
+    rest = [name for name in outputs if name not in bound]
+    for name in rest:
+        io.bind_output(name, "cpu")
+    sess.run_with_iobinding(io)
+    values = dict(zip(rest, (v.numpy() for v in io.get_outputs()[2 * len(whole):]), strict=True))  # bound after
+    return [values.get(name) for name in outputs]
 
 
 def kv_heads_of(kv: HostKV, layer: int, heads: tuple[int, int] | None = None,

@@ -15,6 +15,9 @@ def test_every_graph_input_and_output_is_static(graphs):
         # context T = 128: a fused layer reads the host's whole T-slot buffer, a masked one its C = T - N = 96
         assert shapes["cos"] == [32, 8] and shapes[f"past_k_{spec.start}"] == [1, 2, 128 if spec.fused else 96, 8]
         fused = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+        outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in g.output}
+        # a fused layer's present is its whole cache with the chunk written at pos0, else the chunk's own rows
+        assert outputs[f"present_v_{spec.start}"] == [1, 2, 128 if spec.fused else 32, 8]
         if spec.fused:  # the op reads the written past slots: their count and the total instead of a mask
             assert "mask" not in shapes and len(fused) == spec.end - spec.start
             assert shapes["seqlens_k"] == [1] and shapes["total_sequence_length"] == []

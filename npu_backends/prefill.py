@@ -3,9 +3,11 @@
 The prompt is cut into chunks of the graph's fixed N; the last one is padded (so a
 prompt shorter than a chunk works) and its logits are read at the last real token.
 Padding rows attend causally like real ones, so no row is fully masked (no NaN), and
-their K/V are never written to the cache. The cache lives on the host as numpy arrays
-of the graphs' whole context T and is copied into an edge_node KVCache for decoding. A fused
-layer (GroupQueryAttention) reads that buffer as it is, a masked one its first C = T - N slots.
+their K/V are never read: the cache holds them only past the prompt's length, where a fused layer's
+op writes them in place. The cache lives on the host as numpy arrays of the graphs' whole
+context T and is copied into an edge_node KVCache for decoding. A fused layer
+(GroupQueryAttention) reads and appends to that buffer as it is (bound as both its past and its
+present); a masked one reads a copy of its first C = T - N slots and returns the chunk's rows.
 """
 
 from __future__ import annotations

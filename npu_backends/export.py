@@ -6,7 +6,7 @@ NPU compilers (QNN HTP, OpenVINO NPU, CoreML) require:
     input_ids (1, N) int64          first layer group only (else hidden (1, N, hidden) float)
     cos, sin (N, D) float           RoPE rows for the chunk's positions, computed on the host
     mask (1, 1, N, C + N) float     additive; keys are C past slots then the chunk's own N
-    past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group (T slots in a fused layer); absent when C = 0
+    past_k_{i}, past_v_{i} (1, Hkv, C, D) per layer i of the group (T slots in fused graphs); absent when C = 0
     seqlens_k (1,) int32, total_sequence_length () int32   fused graphs: pos0 + N - 1 and pos0 + N
     last_index (1,) int64           last layer group only: the row whose logits are wanted
 
@@ -16,15 +16,15 @@ past slots would only ever be masked, yet every chunk would pay attention over t
 
 Outputs: hidden (1, N, hidden) or, for the last group, logits (1, 1, vocab); and
 present_k_{i}, present_v_{i} (1, Hkv, N, D), the chunk's own K/V, which the host writes
-into its cache (in a fused layer (1, Hkv, T, D): the past buffer with those rows written at pos0, which
+into its cache (in fused graphs (1, Hkv, T, D): the past buffer with those rows written at pos0, which
 the host binds to its own cache so that they are written in place). Layer groups [a, b) give the
 per-block subgraphs the scheduler runs.
 Attention stays float, so quantization leaves it alone. In fused graphs (the default when there are past
-slots) full-attention layers run ONNX Runtime's GroupQueryAttention, which reads only the pos0 written past
-slots and needs no "mask" input; a chunk attending through the mask pays for all C slots, written or not
-(~35 ms of a 128-token SmolLM2 chunk at C = 384). Windowed layers keep a mask (mask_w{window}), and
-fused=False exports standard ONNX ops only, for an accelerator that must take every node. GroupQueryAttention
-is a CPU (and CUDA) contrib op: an NPU EP leaves it to the CPU, where mllm-NPU keeps attention too.
+slots) every layer runs ONNX Runtime's GroupQueryAttention, which reads only the pos0 written past slots (a
+sliding window as its local_window_size) and needs no mask inputs; a chunk attending through a mask pays for
+all C slots, written or not (~35 ms of a 128-token SmolLM2 chunk at C = 384). fused=False exports standard
+ONNX ops only, for an accelerator that must take every node. GroupQueryAttention is a CPU (and CUDA) contrib
+op: an NPU EP leaves it to the CPU, where mllm-NPU keeps attention too.
 
 graphs.json, beside the graphs, lists them and records what they were built from (their
 provenance): a digest of the checkpoint's files (weights_digest) and the export options.
@@ -56,7 +56,7 @@ CHUNK_SIZES = (32, 64, 128, 256)
 OPSET = 17
 # Version of the exported graphs and graphs.json: bump it whenever a change here (inputs, outputs, the math of a
 # layer) makes graphs exported earlier wrong for this code, so that they are rebuilt rather than reused.
-EXPORT_FORMAT = 3
+EXPORT_FORMAT = 4
 GRAPHS_JSON = "graphs.json"
 
 
@@ -74,20 +74,22 @@ class GraphSpec:
     last: bool
     windows: tuple[int | None, ...]  # the distinct attention windows
     all_logits: bool = False  # last group: logits for every row (1, N, vocab), for evaluation
-    # full-attention layers run ONNX Runtime's GroupQueryAttention over the written past slots only (no "mask"
-    # input; seqlens_k and total_sequence_length instead). False: every layer attends through an additive mask.
+    # every layer runs ONNX Runtime's GroupQueryAttention over the written past slots only (its window as the op's
+    # local_window_size; no mask inputs: seqlens_k and total_sequence_length instead). False: every layer attends
+    # through an additive mask.
     fused: bool = False
 
-    def past_slots(self, window: int | None) -> int:
-        """Past K/V slots a layer of this window reads. A fused (full-attention) layer takes the host's whole
-        T-slot cache: the op reads only the written slots, so more cost nothing, and the host passes its
-        buffer as it is instead of copying its first C slots out of it."""
-        return self.context if self.fused and window is None else self.past
+    @property
+    def past_slots(self) -> int:
+        """Past K/V slots every layer reads. A fused graph takes the host's whole T-slot cache: the op reads
+        only the written slots, so more cost nothing, and the host binds its buffer as it is instead of copying
+        its first C slots out of it."""
+        return self.context if self.fused else self.past
 
     @property
     def mask_windows(self) -> tuple[int | None, ...]:
-        """The windows that take an additive mask input, one each."""
-        return tuple(w for w in self.windows if not (self.fused and w is None))
+        """The windows that take an additive mask input, one each (none in a fused graph)."""
+        return () if self.fused else self.windows
 
 
 def _mask_name(window: int | None) -> str:
@@ -109,10 +111,10 @@ class _FusedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, heads: int, kv_heads: int):
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, heads: int, kv_heads: int, window: int | None):
         n, d = q.shape[1], past_k.shape[-1]
         pos0 = int(total) - n
-        mask = torch.where(_written_causal(pos0, n, past_k.shape[2]), 0.0, -1e9)  # (N, slots+N)
+        mask = torch.where(_written_causal(pos0, n, past_k.shape[2], window), 0.0, -1e9)  # (N, slots+N)
         k, v = (t.view(1, n, kv_heads, d).transpose(1, 2) for t in (k, v))
         y = _grouped_attention(q.view(1, n, heads, d).transpose(1, 2), torch.cat([past_k, k], dim=2),
                                torch.cat([past_v, v], dim=2), mask[None, None])
@@ -121,9 +123,11 @@ class _FusedAttention(torch.autograd.Function):
         return y, present_k, present_v
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads):
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads, window):
+        # local_window_size w: a query at q sees keys k with q - k < w, the model's `visible` (checked against it)
+        local = {} if window is None else {"local_window_size_i": window}
         out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k,
-                                         total, num_heads_i=heads, kv_num_heads_i=kv_heads, outputs=3)
+                                         total, num_heads_i=heads, kv_num_heads_i=kv_heads, outputs=3, **local)
         # the exporter's own shape inference goes on through these; ONNX's does not (_with_fused_shapes)
         out.setType(q.type())
         present_k.setType(past_k.type())
@@ -131,11 +135,12 @@ class _FusedAttention(torch.autograd.Function):
         return out, present_k, present_v
 
 
-def _written_causal(pos0: int, n: int, past: int) -> torch.Tensor:
-    """(N, slots+N) bool: query pos0 + i sees past slot j iff j < pos0, and its own rows causally."""
+def _written_causal(pos0: int, n: int, past: int, window: int | None) -> torch.Tensor:
+    """(N, slots+N) bool: query pos0 + i sees past slot j iff j < pos0, and its own rows, by `visible`."""
     q = torch.arange(pos0, pos0 + n)[:, None]
     keys = torch.cat([torch.arange(past), torch.arange(pos0, pos0 + n)])[None, :]
-    return visible(q, keys, None) & torch.cat([torch.arange(past) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
+    written = torch.cat([torch.arange(past) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
+    return visible(q, keys, window) & written
 
 
 def _grouped_attention(q, keys, values, mask):
@@ -186,14 +191,14 @@ class _Layer(nn.Module):
         return F.linear(F.silu(gate) * up, self.w2, self.b2)
 
     def attention(self, x, cos, sin, mask, past_k, past_v, fused=None):
-        """fused: (seqlens_k, total_sequence_length) to attend through _FusedAttention instead of the mask."""
+        """fused: (seqlens_k, total_sequence_length) to attend through _FusedAttention instead of a mask."""
         n, d, hq, hkv = x.shape[1], self.head_dim, self.heads, self.kv_heads
         q, k, v = F.linear(x, self.wqkv, self.bqkv).split([hq * d, hkv * d, hkv * d], dim=-1)
         if fused is not None:
             # RoPE in the (1, N, heads, D) layout the op takes: no transposes around it.
             q = apply_rotary(q.view(1, n, hq, d), cos[:, None], sin[:, None]).reshape(1, n, hq * d)
             k = apply_rotary(k.view(1, n, hkv, d), cos[:, None], sin[:, None]).reshape(1, n, hkv * d)
-            y, present_k, present_v = _FusedAttention.apply(q, k, v, past_k, past_v, *fused, hq, hkv)
+            y, present_k, present_v = _FusedAttention.apply(q, k, v, past_k, past_v, *fused, hq, hkv, self.window)
             return F.linear(y, self.wo, self.bo), present_k, present_v  # presents: the whole (1, Hkv, T, D)
         q = q.view(1, n, hq, d).transpose(1, 2)  # (1, H, N, D)
         k = k.view(1, n, hkv, d).transpose(1, 2)  # (1, Hkv, N, D)
@@ -212,7 +217,7 @@ class ChunkGraph(nn.Module):
         cfg = model.config
         start, end = spec.start, spec.end
         self.all_logits, self.mask_windows = spec.all_logits, spec.mask_windows
-        self.fused = spec.fused  # full-attention layers through _FusedAttention
+        self.fused = spec.fused  # every layer through _FusedAttention
         self.first, self.last = start == 0, end == cfg.num_layers
         self.eps = cfg.rms_norm_eps
         self.layers = nn.ModuleList(_Layer(model.blocks[str(i)], cfg) for i in range(start, end))
@@ -234,7 +239,7 @@ class ChunkGraph(nn.Module):
         presents = []
         for j, layer in enumerate(self.layers):
             a, k, v = layer.attention(_rms(h, layer.ln1, self.eps), cos, sin, masks.get(layer.window),
-                                      past[2 * j], past[2 * j + 1], fused if layer.window is None else None)
+                                      past[2 * j], past[2 * j + 1], fused)
             h = h + a
             h = h + layer.mlp(_rms(h, layer.ln2, self.eps))
             presents += [k, v]
@@ -268,8 +273,8 @@ def example_inputs(model: Transformer, spec: GraphSpec) -> tuple[torch.Tensor, .
     masks = [torch.zeros(1, 1, n, c + n) for _ in spec.mask_windows]
     if spec.fused:  # as for the context's last chunk: every past slot written
         masks += [torch.tensor([c + n - 1], dtype=torch.int32), torch.tensor(c + n, dtype=torch.int32)]
-    past = [torch.zeros(1, cfg.num_key_value_heads, spec.past_slots(cfg.window_for_layer(i)), d)
-            for i in range(spec.start, spec.end) if c for _ in "kv"]
+    past = [torch.zeros(1, cfg.num_key_value_heads, spec.past_slots, d)
+            for _ in range(2 * (spec.end - spec.start) if c else 0)]
     tail = [torch.tensor([n - 1])] if spec.last and not spec.all_logits else []
     return (x, cos.float(), sin.float(), *masks, *past, *tail)
 
@@ -360,7 +365,7 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
     """Export the model as `groups` layer-block subgraphs at chunk size `chunk`, for prompts up to `context` tokens.
 
     all_logits: the last group returns every row's logits (for evaluation) instead of one row's.
-    fused: full-attention layers attend through ONNX Runtime's GroupQueryAttention (when there are past slots);
+    fused: every layer attends through ONNX Runtime's GroupQueryAttention (when there are past slots);
     False keeps standard ONNX ops only (MatMul, Softmax and an additive mask), for EPs that must take every node.
     weights: the model directory's weights_digest, recorded in graphs.json (None: unknown).
     """
@@ -383,7 +388,7 @@ def export_chunk_graphs(model: Transformer, out_dir: str | Path, chunk: int, con
         # The name carries the past slots: graphs (and their int8 copies) of other layouts never match it.
         spec = GraphSpec(str(out / f"chunk{chunk}_ctx{context}_past{context - chunk}_L{a}-{b}{tag}.onnx"), a, b,
                          chunk, context, context - chunk, a == 0, b == cfg.num_layers, windows, all_logits,
-                         fused and context > chunk and None in windows)
+                         fused and context > chunk)
         export_group(model, spec)
         specs.append(spec)
     write_graphs_json(out, {"provenance": export_provenance(weights, chunk, context, groups, all_logits, fused),

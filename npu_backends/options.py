@@ -32,7 +32,7 @@ class PrefillOptions:
     # channels of the same GEMM, down's weights' rounding residual too: >= 99% top-1 on SmolLM2-135M at ~1.33x
     # torch float with fused attention (issue 16)
     fine: bool = False
-    # full-attention layers through ONNX Runtime's GroupQueryAttention (a CPU/CUDA contrib op that reads only the
+    # every layer through ONNX Runtime's GroupQueryAttention (a CPU/CUDA contrib op that reads only the
     # written past slots); False: standard ONNX ops only (MatMul, Softmax, an additive mask over every slot), for
     # an execution provider that must take every node (--strict on an accelerator)
     fused_attention: bool = True

@@ -3,11 +3,11 @@
 The prompt is cut into chunks of the graph's fixed N; the last one is padded (so a
 prompt shorter than a chunk works) and its logits are read at the last real token.
 Padding rows attend causally like real ones, so no row is fully masked (no NaN), and
-their K/V are never read: the cache holds them only past the prompt's length, where a fused layer's
+their K/V are never read: the cache holds them only past the prompt's length, where a fused graph's
 op writes them in place. The cache lives on the host as numpy arrays of the graphs' whole
-context T and is copied into an edge_node KVCache for decoding. A fused layer
-(GroupQueryAttention) reads and appends to that buffer as it is (bound as both its past and its
-present); a masked one reads a copy of its first C = T - N slots and returns the chunk's rows.
+context T and is copied into an edge_node KVCache for decoding. A fused graph's layers
+(GroupQueryAttention) read and append to that buffer as it is (bound as both past and present);
+a masked graph's read a copy of its first C = T - N slots and return the chunk's rows.
 """
 
 from __future__ import annotations
@@ -119,16 +119,14 @@ class ChunkedPrefill:
         if not spec.first:
             feeds["hidden_in"] = x
         layers = range(spec.start, spec.end)
-        # fused layers' presents are the whole (1, Hkv, T, D) cache with the chunk written at pos0; the others'
-        # are the chunk's own rows (1, Hkv, N, D)
-        whole = {i for i in layers if spec.past and spec.past_slots(self.model.config.window_for_layer(i))
-                 == self.context}
+        # a fused graph's presents are the whole (1, Hkv, T, D) cache with the chunk written at pos0, a masked
+        # one's the chunk's own rows (1, Hkv, N, D)
+        whole = set(layers) if spec.fused else set()
         for i in layers if spec.past else ():
-            # (1, Hkv, slots, D): a fused layer's T-slot buffer as it is, else its first C slots made contiguous
+            # (1, Hkv, slots, D): a fused graph's T-slot buffer as it is, else its first C slots made contiguous
             # for ONNX Runtime (a copy)
-            slots = self.context if i in whole else spec.past
-            feeds[f"past_k_{i}"] = np.ascontiguousarray(kv.k[i][:, :, :slots])
-            feeds[f"past_v_{i}"] = np.ascontiguousarray(kv.v[i][:, :, :slots])
+            feeds[f"past_k_{i}"] = np.ascontiguousarray(kv.k[i][:, :, : spec.past_slots])
+            feeds[f"past_v_{i}"] = np.ascontiguousarray(kv.v[i][:, :, : spec.past_slots])
         if whole and hasattr(sess, "io_binding"):
             outs = _run_in_place(sess, self.outputs[g], feeds, whole, kv)
         else:  # a wrapper (calibration, evaluation probes): plain run

@@ -35,7 +35,7 @@ def test_fused_attention_is_left_out_where_it_cannot_run():
     assert not PrefillOptions(fused_attention=False).fused
 
 
-def test_fused_attention_needs_past_slots_and_a_full_attention_layer(llama, tmp_path):
+def test_fused_attention_needs_past_slots(llama, tmp_path):
     assert not export_chunk_graphs(llama, tmp_path / "one", 32, 32)[0].fused  # C = 0: a plain causal mask
 
 

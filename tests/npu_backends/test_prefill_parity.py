@@ -61,15 +61,18 @@ def test_a_one_chunk_context_has_no_past_inputs_and_still_matches_torch(llama, t
         prefill.run(prompt_of(33))
 
 
-# qwen2 with max_window_layers 2: full-attention layers (GroupQueryAttention) and windowed ones (a mask) in one graph
+# qwen2 with max_window_layers 2: full-attention layers and windowed ones in one graph. A window of 20 under
+# chunks of 32: a chunk's first rows see the end of the past, its last rows only their own chunk. Fused graphs
+# give the window to GroupQueryAttention (local_window_size), plain ones a mask per window.
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("arch,overrides", [
     ("qwen2", {}), ("mistral", {"sliding_window": 20}),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 20, "max_window_layers": 2})])
-def test_parity_with_biases_and_sliding_window(tmp_path, arch, overrides):
+def test_parity_with_biases_and_sliding_window(tmp_path, arch, overrides, fused):
     make_checkpoint(tmp_path / "ck", arch=arch, **overrides)
     model = load_model(tmp_path / "ck")
-    specs = export_chunk_graphs(model, tmp_path / "g", 32, 96)
-    assert specs[0].fused == (None in specs[0].windows)
+    specs = export_chunk_graphs(model, tmp_path / "g", 32, 96, fused=fused)
+    assert specs[0].fused == fused and len(specs[0].mask_windows) == (0 if fused else len(specs[0].windows))
     for seed, length in ((3, 90), (4, 96), (5, 33)):
         prompt = prompt_of(length, seed=seed)
         assert_parity(model, ChunkedPrefill(model, specs).run(prompt), prompt)

@@ -195,8 +195,9 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: 
                             f"`edgefed prefill --model DIR --graph-dir {root} --chunk N --context T`")
     specs, record = found
     groups = f" --groups {len(specs)}" if len(specs) > 1 else ""
-    again = (f"re-export them with `edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} "
-             f"--context {specs[0].context}{groups}`")
+    command = (f"edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} "
+               f"--context {specs[0].context}{groups}")
+    again = f"re-export them with `{command}`"
     prov = record["provenance"]
     if prov is None:
         raise GraphDirError(f"{root}: the chunk graphs there do not record what they were exported from "
@@ -210,7 +211,7 @@ def open_prefill_dir(model: Transformer, opts: PrefillOptions, expected_digest: 
     if specs[0].fused and not opts.fused:
         raise GraphDirError(f"{root}: the chunk graphs there attend through ONNX Runtime's GroupQueryAttention, "
                             f"which only the CPU runs, and --strict on {opts.provider} forbids the CPU fall-back; "
-                            f"{again[:-1]} --plain-attention`")
+                            f"re-export them with `{command} --plain-attention`")
     if opts.int8:
         recipe = int8_recipe(opts)
         rebuild = (f"`edgefed prefill --model DIR --graph-dir {root} --chunk {specs[0].chunk} --context "

@@ -114,7 +114,7 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, heads: int, kv_heads: int, window: int | None):
         n, d = q.shape[1], past_k.shape[-1]
         pos0 = int(total) - n
-        mask = torch.where(_written_causal(pos0, n, past_k.shape[2], window), 0.0, -1e9)  # (N, slots+N)
+        mask = torch.where(visible_slots(pos0, n, past_k.shape[2], window), 0.0, -1e9)  # (N, slots+N)
         k, v = (t.view(1, n, kv_heads, d).transpose(1, 2) for t in (k, v))
         y = _grouped_attention(q.view(1, n, heads, d).transpose(1, 2), torch.cat([past_k, k], dim=2),
                                torch.cat([past_v, v], dim=2), mask[None, None])
@@ -135,10 +135,11 @@ class _FusedAttention(torch.autograd.Function):
         return out, present_k, present_v
 
 
-def _written_causal(pos0: int, n: int, past: int, window: int | None) -> torch.Tensor:
-    """(N, slots+N) bool: query pos0 + i sees past slot j iff j < pos0, and its own rows, by `visible`."""
-    q = torch.arange(pos0, pos0 + n)[:, None]
-    keys = torch.cat([torch.arange(past), torch.arange(pos0, pos0 + n)])[None, :]
+def visible_slots(pos0: int, n: int, past: int, window: int | None) -> torch.Tensor:
+    """(N, past+N) bool over `past` slots (slot j holds position j, written only if j < pos0) then the chunk's
+    own N positions: what query pos0 + i sees, by the model's one causal rule (`visible`)."""
+    q = torch.arange(pos0, pos0 + n)[:, None]  # (N, 1) query positions
+    keys = torch.cat([torch.arange(past), torch.arange(pos0, pos0 + n)])[None, :]  # (1, past+N) their positions
     written = torch.cat([torch.arange(past) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
     return visible(q, keys, window) & written
 

@@ -22,9 +22,8 @@ import torch
 
 from edge_node.model import KVCache, PromptError, Transformer
 from edge_node.model.decode import check_prompt
-from edge_node.model.model import visible
 
-from .export import GraphSpec, _mask_name, load_specs
+from .export import GraphSpec, _mask_name, load_specs, output_names, visible_slots
 from .providers import make_session, used_provider
 
 NEG = -1e9  # finite "minus infinity": a row never becomes all -inf, so softmax never yields NaN
@@ -60,13 +59,8 @@ class PrefillResult:
 
 
 def chunk_mask(pos0: int, n: int, context: int, window: int | None) -> np.ndarray:
-    """Additive mask (1, 1, N, C+N) over C past slots (slot j holds position j, written only if j < pos0)
-    then the chunk's own N positions, by the model's one causal rule (`visible`)."""
-    q = torch.arange(pos0, pos0 + n)[:, None]  # (N, 1) query positions
-    keys = torch.cat([torch.arange(context), torch.arange(pos0, pos0 + n)])[None, :]  # (1, C+N) their positions
-    written = torch.cat([torch.arange(context) < pos0, torch.ones(n, dtype=torch.bool)])[None, :]
-    ok = visible(q, keys, window) & written  # (N, C+N)
-    return np.where(ok.numpy(), 0.0, NEG).astype(np.float32)[None, None]
+    """Additive mask (1, 1, N, C+N) over C past slots then the chunk's own N positions (export.visible_slots)."""
+    return np.where(visible_slots(pos0, n, context, window).numpy(), 0.0, NEG).astype(np.float32)[None, None]
 
 
 class ChunkedPrefill:
@@ -80,8 +74,6 @@ class ChunkedPrefill:
                                                           for s in self.specs]
         self.provider = used_provider(self.sessions[0])
         self.inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
-        self.outputs = [[o.name for o in s.get_outputs()] if hasattr(s, "get_outputs") else None
-                        for s in self.sessions]
         self.scheduler: Callable | None = None  # e.g. schedule.OutOfOrder; None runs cells in order
 
     @classmethod
@@ -119,22 +111,18 @@ class ChunkedPrefill:
         if not spec.first:
             feeds["hidden_in"] = x
         layers = range(spec.start, spec.end)
-        # a fused graph's presents are the whole (1, Hkv, T, D) cache with the chunk written at pos0, a masked
-        # one's the chunk's own rows (1, Hkv, N, D)
-        whole = set(layers) if spec.fused else set()
+        if spec.fused and hasattr(sess, "io_binding"):  # wrappers (calibration, evaluation probes) run plainly
+            return _run_in_place(sess, output_names(spec, layers)[0], feeds, layers, kv)
         for i in layers if spec.past else ():
             # (1, Hkv, slots, D): a fused graph's T-slot buffer as it is, else its first C slots made contiguous
             # for ONNX Runtime (a copy)
             feeds[f"past_k_{i}"] = np.ascontiguousarray(kv.k[i][:, :, : spec.past_slots])
             feeds[f"past_v_{i}"] = np.ascontiguousarray(kv.v[i][:, :, : spec.past_slots])
-        if whole and hasattr(sess, "io_binding"):
-            outs = _run_in_place(sess, self.outputs[g], feeds, whole, kv)
-        else:  # a wrapper (calibration, evaluation probes): plain run
-            outs = sess.run(None, feeds)
+        outs = sess.run(None, feeds)
+        # a fused graph's presents are the whole (1, Hkv, T, D) cache with the chunk written at pos0, a masked
+        # one's the chunk's own rows (1, Hkv, N, D)
+        rows = slice(pos0, pos0 + n_real) if spec.fused else slice(0, n_real)
         for j, i in enumerate(layers):
-            if outs[1 + 2 * j] is None:  # written in place
-                continue
-            rows = slice(pos0, pos0 + n_real) if i in whole else slice(0, n_real)
             kv.k[i][:, :, pos0 : pos0 + n_real] = outs[1 + 2 * j][:, :, rows]  # (1, Hkv, n_real, D)
             kv.v[i][:, :, pos0 : pos0 + n_real] = outs[2 + 2 * j][:, :, rows]
         return outs[0]
@@ -180,28 +168,21 @@ class ChunkedPrefill:
         return logits, times
 
 
-def _run_in_place(sess, outputs: list[str], feeds: dict[str, np.ndarray], whole: set[int],
-                  kv: HostKV) -> list[np.ndarray | None]:
-    """Run with each fused layer's past and present bound to its host buffer (1, Hkv, T, D): ONNX Runtime's
-    GroupQueryAttention then writes the chunk's K/V rows into the cache in place (the padding rows too, past the
-    prompt, where nothing reads them) and copies nothing else. Returns the outputs in graph order, None for
-    those written in place."""
+def _run_in_place(sess, output: str, feeds: dict[str, np.ndarray], layers: range, kv: HostKV) -> np.ndarray:
+    """Run a fused graph with every layer's past and present bound to its host buffer (1, Hkv, T, D): ONNX
+    Runtime's GroupQueryAttention then writes the chunk's K/V rows into the cache in place (the padding rows
+    too, past the prompt, where nothing reads them) and copies nothing else. Returns the graph's first output
+    (hidden or logits)."""
     io = sess.io_binding()
-    bound = {}
-    for i in whole:
+    for name, value in feeds.items():
+        io.bind_cpu_input(name, value)
+    for i in layers:
         for kind, buf in (("k", kv.k[i]), ("v", kv.v[i])):
-            bound[f"past_{kind}_{i}"] = bound[f"present_{kind}_{i}"] = buf
             io.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
             io.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-    for name, value in feeds.items():
-        if name not in bound:
-            io.bind_cpu_input(name, value)
-    rest = [name for name in outputs if name not in bound]
-    for name in rest:
-        io.bind_output(name, "cpu")
+    io.bind_output(output, "cpu")
     sess.run_with_iobinding(io)
-    values = dict(zip(rest, (v.numpy() for v in io.get_outputs()[2 * len(whole):]), strict=True))  # bound after
-    return [values.get(name) for name in outputs]
+    return io.get_outputs()[-1].numpy()  # bound last
 
 
 def kv_heads_of(kv: HostKV, layer: int, heads: tuple[int, int] | None = None,
